@@ -1,0 +1,623 @@
+"""Representation autoencoder (RAE): a frozen DINOv2 encoder E and a ViT pixel decoder D (paper §2, eq. 1).
+
+    z_raw = E(x) in R^{N x n},    z = (z_raw - mu_rae) / sqrt(var_rae + 1e-5),    x^ = D(z_raw)
+
+E is DINOv2 (ViT-S/B/L, patch 14, optional register tokens and LayerScale) written out by hand so
+that the official facebookresearch checkpoints and the Hugging Face `Dinov2Model` /
+`Dinov2WithRegistersModel` snapshots load without other libraries. As in RAE, E returns the patch
+tokens after the final LayerNorm taken *without* its affine weight and bias; class and register
+tokens are dropped. D is RAE's MAE-style decoder (Hugging Face ViT-MAE layer naming), loaded from
+the RAE release `model.pt`; the latent statistics come from the release `stat.pt` or are computed
+channel-wise from images as the paper does.
+
+Where the weights live (nothing is downloaded here; pass local paths):
+  DINOv2-B/14 + 4 registers  https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
+                             or the Hugging Face snapshot facebook/dinov2-with-registers-base
+  RAE decoder and stat.pt    `hf download nyu-visionx/RAE-collections` (decoders/dinov2/wReg_base/ViTXL_n08/model.pt,
+                             stats/dinov2/wReg_base/imagenet1k/stat.pt)
+"""
+
+import json
+import math
+import os
+import struct
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"
+DINOV2_HF = "facebook/dinov2-with-registers-base"
+RAE_HF = "nyu-visionx/RAE-collections"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATS_EPS = 1e-5                                  # RAE: z = (z_raw - mean) / sqrt(var + eps)
+RAE_DECODER_HEADS = {768: 12, 1024: 16, 1152: 16}  # RAE configs/decoder/ViT{B,L,XL}: width -> heads
+
+
+# -----------------------------------------------------------------------------
+# DINOv2 encoder E (official layout: facebookresearch/dinov2 dinov2/models/vision_transformer.py)
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (q, k, v stacked in that order)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block: x += ls1(attn(norm1(x))); x += ls2(mlp(norm2(x))). No LayerScale when init_values is None."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None, eps=1e-6, qkv_bias=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DINOv2(nn.Module):
+    """DINOv2 ViT with patch 14: images (B,3,H,W), ImageNet-normalized -> patch tokens (B, H/14 * W/14, C).
+
+    The tokens are read after the final LayerNorm *without* its affine map (RAE's convention); `norm.weight`
+    and `norm.bias` stay in the state dict only so that it is exactly the official checkpoint layout.
+    Position embeddings are resized from the checkpoint's pos_grid x pos_grid (37 for 518 px) as the matching
+    upstream hub model does: with registers, bicubic to the target size with antialias (dinov2_vit*14_reg:
+    interpolate_antialias=True, interpolate_offset=0); without, the historical bicubic with
+    scale_factor (h0 + 0.1) / M and no antialias.
+    """
+
+    def __init__(self, embed_dim=768, depth=12, num_heads=12, patch_size=14, num_registers=4, pos_grid=37,
+                 init_values=1.0, mlp_ratio=4.0):
+        super().__init__()
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_size, self.num_registers, self.pos_grid = patch_size, num_registers, pos_grid
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused here (iBOT masking), kept for the layout
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h0, w0):
+        """(1, 1 + h0*w0, C) position embeddings for an h0 x w0 patch grid."""
+        pos = self.pos_embed.float()
+        M = self.pos_grid
+        if h0 == M and w0 == M:  # upstream skips the resize when the grid already matches (and H == W)
+            return pos
+        grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        if self.num_registers:
+            grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=True, align_corners=False)
+        else:
+            grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M), mode="bicubic",
+                                 antialias=False, align_corners=False)
+        if grid.shape[-2:] != (h0, w0):
+            raise ValueError(f"DINOv2: resized position grid {tuple(grid.shape[-2:])} != {(h0, w0)}")
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"DINOv2: expected images (B, 3, H, W) with H, W multiples of {p}, got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(H // p, W // p).to(x.dtype)
+        if self.register_tokens is not None:  # registers go after the class token, without position embedding
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = F.layer_norm(x, (self.embed_dim,), eps=1e-6)  # final LN without affine (RAE)
+        return x[:, 1 + self.num_registers:]
+
+
+# -----------------------------------------------------------------------------
+# Reading checkpoints: torch files and a small safetensors reader
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: u64 little-endian header size, JSON header, raw little-endian data."""
+    if sys.byteorder != "little":
+        raise ValueError(f"{path}: the safetensors reader needs a little-endian machine")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        data = f.read()
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: tensor {name!r} has an unsupported dtype or a malformed header entry") from None
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {nbytes}")
+        if end > len(data):
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end} of the data, "
+                             f"only {len(data)} present)")
+        buf = bytearray(data[begin:end])
+        t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(shape)
+    return tensors
+
+
+def _torch_load(path, what):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle errors from truncated or foreign files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint (truncated or corrupt?); expected {what} "
+                         f"({msg[:160]})") from None
+
+
+def _is_safetensors(path):
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _read_state_dict(path, what):
+    """A flat {name: tensor} dict from a torch file or a safetensors file."""
+    sd = read_safetensors(path) if _is_safetensors(path) else _torch_load(path, what)
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{path}: expected {what} (a dict of tensors), got {type(sd).__name__}")
+    return sd
+
+
+def _hf_snapshot_files(directory):
+    """The weight file(s) of a Hugging Face snapshot directory."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    binary = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    if os.path.isfile(binary):
+        return [binary]
+    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin in this directory; expected a "
+                            f"Hugging Face {DINOV2_HF} snapshot")
+
+
+# -----------------------------------------------------------------------------
+# load_dinov2
+
+DINOV2_EXPECTED = (f"a DINOv2 ViT-S/B/L checkpoint (official {os.path.basename(DINOV2_URL)} from {DINOV2_URL}, "
+                   f"or a Hugging Face {DINOV2_HF} snapshot)")
+
+
+def _hf_to_official(sd):
+    """Hugging Face Dinov2(WithRegisters)Model names -> official names; q, k, v fused into qkv."""
+    out = {}
+    rename = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+              "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+              "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+              "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    layer = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "mlp.fc1": "mlp.fc1",
+             "mlp.fc2": "mlp.fc2", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+    qkv = {}
+    for k, v in sd.items():
+        if k in rename:
+            out[rename[k]] = v
+        elif k.startswith("encoder.layer."):
+            i, rest = k[len("encoder.layer."):].split(".", 1)
+            for proj in ("query", "key", "value"):
+                prefix = f"attention.attention.{proj}."
+                if rest.startswith(prefix):
+                    qkv.setdefault((i, rest[len(prefix):]), {})[proj] = v
+                    break
+            else:
+                name, leaf = rest.rsplit(".", 1) if rest.endswith((".weight", ".bias")) else (rest, None)
+                out[f"blocks.{i}.{layer.get(name, name)}" + (f".{leaf}" if leaf else "")] = v
+        else:
+            out[k] = v  # left for the strict load to report
+    for (i, leaf), parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+        else:
+            out.update({f"encoder.layer.{i}.attention.attention.{p}.{leaf}": t for p, t in parts.items()})
+    return out
+
+
+def dinov2_from_state_dict(sd, path="state dict"):
+    """Build a DINOv2 from an official- or Hugging-Face-layout state dict, inferring its size."""
+    keys = list(sd)
+    if any(k.startswith(("decoder_embed.", "decoder_layers.", "decoder_pred.")) for k in keys):
+        raise ValueError(f"{path}: this is an RAE decoder checkpoint (decoder_embed/decoder_layers keys), "
+                         f"not a DINOv2 encoder; expected {DINOV2_EXPECTED}")
+    if any(s in k for k in keys for s in (".mlp.w12.", ".mlp.w3.", ".mlp.weights_in.", ".mlp.weights_out.")):
+        raise ValueError(f"{path}: SwiGLU feed-forward weights (a ViT-g/giant model) are not supported; expected "
+                         f"{DINOV2_EXPECTED}")
+    if "embeddings.position_embeddings" in sd:
+        sd = _hf_to_official(sd)
+    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ValueError(f"{path}: no pos_embed / patch_embed.proj.weight (first keys: {keys[:3]}); "
+                         f"expected {DINOV2_EXPECTED}")
+    if any(k.startswith("blocks.") and len(k.split(".")) > 2 and k.split(".")[2].isdigit() for k in sd):
+        raise ValueError(f"{path}: chunked blocks (blocks.C.N.*) are not supported; expected {DINOV2_EXPECTED}")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    proj = sd["patch_embed.proj.weight"]
+    if proj.dim() != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
+        raise ValueError(f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, expected (C, 3, p, p)")
+    dim, patch = proj.shape[0], proj.shape[-1]
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    depth = max(blocks) + 1 if blocks else 0
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+    if sd["pos_embed"].dim() != 3 or grid * grid + 1 != sd["pos_embed"].shape[1]:
+        raise ValueError(f"{path}: pos_embed has shape {tuple(sd['pos_embed'].shape)}, expected (1, 1 + M*M, C)")
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
+    layerscale = "blocks.0.ls1.gamma" in sd
+    sd.setdefault("mask_token", torch.zeros(1, dim))  # absent from some exports; never used in forward
+    model = DINOv2(embed_dim=dim, depth=depth, num_heads=max(1, dim // 64), patch_size=patch,
+                   num_registers=registers, pos_grid=grid, init_values=1.0 if layerscale else None, mlp_ratio=mlp_ratio)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: DINOv2 keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         f"expected {DINOV2_EXPECTED}")
+    return model
+
+
+def load_dinov2(path):
+    """The frozen DINOv2 encoder E from an official .pth or a Hugging Face snapshot (dir or weight file)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        sd = {}
+        for f in _hf_snapshot_files(path):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: missing shard of the Hugging Face snapshot {path}")
+            sd.update(_read_state_dict(f, DINOV2_EXPECTED))
+        where = path
+    elif os.path.isfile(path):
+        sd, where = _read_state_dict(path, DINOV2_EXPECTED), path
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory; expected {DINOV2_EXPECTED}")
+    try:
+        model = dinov2_from_state_dict(sd, where)
+    except RuntimeError as e:  # shape mismatches inside load_state_dict
+        raise ValueError(f"{where}: DINOv2 tensors have unexpected shapes ({str(e).splitlines()[-1].strip()[:160]})") \
+            from None
+    return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# RAE decoder D (bytetriper/RAE src/stage1/decoders/decoder.py: GeneralDecoder with ViT-MAE layers)
+
+def sincos_pos_embed_2d(dim, grid):
+    """MAE's fixed 2-D sin-cos table (grid*grid, dim): first half encodes the column, second half the row;
+    each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (dim/4))."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(pos):
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class DecoderLayer(nn.Module):
+    """Hugging Face ViTMAELayer: x += attn(layernorm_before(x)); x += mlp(layernorm_after(x)), LN eps 1e-12."""
+
+    def __init__(self, dim, num_heads, mlp_dim, eps=1e-12):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"RAEDecoder: width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.attention = nn.ModuleDict(dict(
+            attention=nn.ModuleDict({n: nn.Linear(dim, dim) for n in ("query", "key", "value")}),
+            output=nn.ModuleDict(dict(dense=nn.Linear(dim, dim)))))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(dim, mlp_dim)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(mlp_dim, dim)))
+        self.layernorm_before = nn.LayerNorm(dim, eps=eps)
+        self.layernorm_after = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h = self.layernorm_before(x)
+        qkv = self.attention.attention
+        q, k, v = (qkv[n](h).view(B, N, self.num_heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + self.attention.output.dense(a)
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class RAEDecoder(nn.Module):
+    """D: tokens (B, N, in_dim) in raw encoder scale -> pixels (B, 3, H, W) in the ImageNet-normalized space.
+
+    decoder_embed -> prepend trainable_cls_token -> + decoder_pos_embed (fixed sin-cos, row 0 = zeros for the
+    cls slot) -> ViT-MAE layers -> decoder_norm -> decoder_pred (p*p*3 per token) -> drop cls -> unpatchify
+    (each token's vector is read as (p, p, 3), tokens row-major). H = W = sqrt(num_patches) * patch_size.
+    """
+
+    def __init__(self, in_dim=768, hidden=1152, depth=28, num_heads=16, mlp_dim=4096, patch_size=16, num_patches=256):
+        super().__init__()
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise ValueError(f"RAEDecoder: num_patches={num_patches} is not a square")
+        self.in_dim, self.hidden, self.depth, self.num_heads = in_dim, hidden, depth, num_heads
+        self.mlp_dim, self.patch_size, self.num_patches, self.grid = mlp_dim, patch_size, num_patches, grid
+        self.decoder_embed = nn.Linear(in_dim, hidden)
+        # A buffer, not a parameter: fixed even when the caller unfreezes D (same state-dict key as RAE).
+        self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(1, hidden), sincos_pos_embed_2d(hidden, grid)])
+                             .unsqueeze(0))
+        self.decoder_layers = nn.ModuleList([DecoderLayer(hidden, num_heads, mlp_dim) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.decoder_pred = nn.Linear(hidden, patch_size * patch_size * 3)
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden))  # RAE: zeros, PyTorch default init elsewhere
+
+    def config(self):
+        """The constructor arguments (stored in stage-1 checkpoints)."""
+        return dict(in_dim=self.in_dim, hidden=self.hidden, depth=self.depth, num_heads=self.num_heads,
+                    mlp_dim=self.mlp_dim, patch_size=self.patch_size, num_patches=self.num_patches)
+
+    def unpatchify(self, x):
+        """(B, h*w, p*p*3) -> (B, 3, h*p, w*p) with the token vector laid out as (p_row, p_col, channel)."""
+        B, p, g = x.shape[0], self.patch_size, self.grid
+        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, 3, g * p, g * p)
+
+    def forward(self, tokens):
+        if tokens.dim() != 3 or tokens.shape[1:] != (self.num_patches, self.in_dim):
+            raise ValueError(f"RAEDecoder: expected tokens (B, {self.num_patches}, {self.in_dim}), "
+                             f"got {tuple(tokens.shape)}")
+        x = self.decoder_embed(tokens)
+        x = torch.cat([self.trainable_cls_token.expand(len(x), -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.decoder_pos_embed.to(x.dtype)
+        for layer in self.decoder_layers:
+            x = layer(x)
+        x = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.unpatchify(x)
+
+
+RAE_DECODER_EXPECTED = f"an RAE decoder model.pt (a plain decoder state dict, `hf download {RAE_HF}`)"
+
+
+def load_rae_decoder(path, num_heads=None):
+    """D from the RAE release model.pt; sizes inferred from the tensors, heads from RAE's configs unless given."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; expected {RAE_DECODER_EXPECTED}")
+    sd = _read_state_dict(path, RAE_DECODER_EXPECTED)
+    keys = list(sd)
+    if any(k in sd for k in ("model", "ema", "state_dict")) and not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: a training checkpoint (model/ema entries), not a decoder state dict; extract the "
+                         f"decoder first (RAE src/extract_decoder.py); expected {RAE_DECODER_EXPECTED}")
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: holds non-tensor entries; expected {RAE_DECODER_EXPECTED}")
+    if any(k in sd for k in ("pos_embed", "embeddings.position_embeddings", "patch_embed.proj.weight")):
+        raise ValueError(f"{path}: this is a DINOv2 encoder checkpoint, not an RAE decoder; expected "
+                         f"{RAE_DECODER_EXPECTED}")
+    required = ("decoder_embed.weight", "decoder_pos_embed", "trainable_cls_token", "decoder_norm.weight",
+                "decoder_pred.weight", "decoder_layers.0.intermediate.dense.weight")
+    absent = [k for k in required if k not in sd]
+    if absent:
+        raise ValueError(f"{path}: missing {absent[:3]} (first keys: {keys[:3]}); expected {RAE_DECODER_EXPECTED}")
+    sd = {k: v.float() for k, v in sd.items()}
+    hidden, in_dim = sd["decoder_embed.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers."))
+    mlp_dim = sd["decoder_layers.0.intermediate.dense.weight"].shape[0]
+    num_patches = sd["decoder_pos_embed"].shape[1] - 1
+    patch = math.isqrt(sd["decoder_pred.weight"].shape[0] // 3)
+    if 3 * patch * patch != sd["decoder_pred.weight"].shape[0]:
+        raise ValueError(f"{path}: decoder_pred predicts {sd['decoder_pred.weight'].shape[0]} values per token, "
+                         f"not 3 * p * p")
+    if num_heads is None:
+        if hidden not in RAE_DECODER_HEADS:
+            raise ValueError(f"{path}: decoder width {hidden} is none of RAE's ({sorted(RAE_DECODER_HEADS)}), so the "
+                             f"head count is unknown; pass num_heads")
+        num_heads = RAE_DECODER_HEADS[hidden]
+    decoder = RAEDecoder(in_dim=in_dim, hidden=hidden, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                         patch_size=patch, num_patches=num_patches)
+    try:
+        missing, unexpected = decoder.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: RAE decoder tensors have unexpected shapes "
+                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: RAE decoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return decoder.eval().requires_grad_(False)
+
+
+def save_rae_decoder(decoder, path):
+    """Write D as RAE's model.pt (a plain float32 state dict), atomically."""
+    sd = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
+    torch.save(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# RAE: E, D and the latent statistics (eq. 1)
+
+class RAE(nn.Module):
+    """Frozen E and D with the statistics of eq. 1. Images travel in [0, 1], (B, 3, S, S), S = image_size.
+
+    `mean` / `var` are (n,) (channel-wise, as the paper) or (N, n) (per token, RAE's stat.pt); before any
+    statistics are set they are 0 and 1.
+    """
+
+    def __init__(self, encoder, decoder, image_size=256):
+        super().__init__()
+        if image_size % decoder.patch_size:
+            raise ValueError(f"RAE: image_size {image_size} is not a multiple of the decoder patch "
+                             f"{decoder.patch_size}")
+        grid = image_size // decoder.patch_size
+        if grid * grid != decoder.num_patches or decoder.in_dim != encoder.embed_dim:
+            raise ValueError(f"RAE: decoder reads {decoder.num_patches} tokens of width {decoder.in_dim}, but "
+                             f"image_size {image_size} and the encoder give {grid * grid} of width {encoder.embed_dim}")
+        self.encoder, self.decoder = encoder.eval().requires_grad_(False), decoder.requires_grad_(False)
+        self.image_size = image_size
+        self.encoder_size = grid * encoder.patch_size  # 256 -> 224, 512 -> 448 (S * 14 / 16)
+        n = encoder.embed_dim
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.ones(n))
+
+    # ---- statistics
+    def set_stats(self, mean, var):
+        """Latent mean / variance shaped (n,) or (N, n)."""
+        mean, var = torch.as_tensor(mean).float(), torch.as_tensor(var).float()
+        n, N = self.encoder.embed_dim, self.decoder.num_patches
+        for name, t in (("mean", mean), ("var", var)):
+            if tuple(t.shape) not in ((n,), (N, n)):
+                raise ValueError(f"RAE.set_stats: {name} has shape {tuple(t.shape)}, expected ({n},) or ({N}, {n})")
+        if (var < 0).any() or not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            raise ValueError("RAE.set_stats: statistics must be finite with var >= 0")
+        self.mean, self.var = mean.to(self.mean.device), var.to(self.var.device)
+
+    def load_stats(self, path):
+        """RAE's stat.pt: {'mean', 'var'} shaped (C,), (C,1,1) or (C,H,W); (C,H,W) -> tokens (H*W, C), row-major."""
+        path = os.fspath(path)
+        expected = f"RAE latent statistics stat.pt with 'mean' and 'var' (`hf download {RAE_HF}`)"
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+        stats = _torch_load(path, expected)
+        if not isinstance(stats, dict) or not all(torch.is_tensor(stats.get(k)) for k in ("mean", "var")):
+            raise ValueError(f"{path}: expected {expected}")
+        n, N = self.encoder.embed_dim, self.decoder.num_patches
+        out = []
+        for name in ("mean", "var"):
+            t = stats[name].float()
+            if t.dim() == 3 and t.shape[1:] == (1, 1):
+                t = t.reshape(-1)
+            elif t.dim() == 3:
+                t = t.reshape(t.shape[0], -1).t()
+            if tuple(t.shape) not in ((n,), (N, n)):
+                raise ValueError(f"{path}: {name} has shape {tuple(stats[name].shape)}; this encoder/decoder needs "
+                                 f"({n},), ({n}, 1, 1) or ({n}, {self.decoder.grid}, {self.decoder.grid})")
+            out.append(t.contiguous())
+        self.set_stats(*out)
+
+    @torch.no_grad()
+    def compute_stats(self, batches):
+        """Channel-wise mean and population variance of E(x) over all tokens of all batches of images in [0, 1]."""
+        acc = None
+        for images in batches:
+            t = self.encode_raw(images.to(self.mean.device)).double().reshape(-1, self.encoder.embed_dim)
+            part = torch.stack([t.sum(0), t.pow(2).sum(0), torch.full_like(t[0], t.shape[0])])
+            acc = part if acc is None else acc + part
+        if acc is None:
+            raise ValueError("RAE.compute_stats: no batches")
+        mean = acc[0] / acc[2]
+        var = (acc[1] / acc[2] - mean.pow(2)).clamp_min(0)
+        self.set_stats(mean, var)
+        return self.mean, self.var
+
+    # ---- encoder side
+    def encode_raw(self, images):
+        """z_raw = E(x): resize to the encoder input (bicubic, no antialias, as RAE), ImageNet-normalize, encode."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (self.image_size, self.image_size):
+            raise ValueError(f"RAE: expected images (B, 3, {self.image_size}, {self.image_size}) in [0, 1], "
+                             f"got {tuple(images.shape)}")
+        s = self.encoder_size
+        x = F.interpolate(images, size=(s, s), mode="bicubic", align_corners=False) if s != self.image_size else images
+        return self.encoder((x - self.pixel_mean) / self.pixel_std)
+
+    def normalize(self, z_raw):
+        """Eq. 1: z = (z_raw - mean) / sqrt(var + 1e-5)."""
+        self._check_tokens(z_raw)
+        return (z_raw - self.mean) / torch.sqrt(self.var + STATS_EPS)
+
+    def denormalize(self, z):
+        self._check_tokens(z)
+        return z * torch.sqrt(self.var + STATS_EPS) + self.mean
+
+    def encode(self, images, noise_std=0.0, per_example=False):
+        """z = norm(E(x) + eps): constant eps ~ N(0, noise_std^2) (eq. 6), or per-example std ~ U(0, noise_std)
+        (eq. 7, RAE's decoder protocol)."""
+        z = self.encode_raw(images)
+        if noise_std > 0:
+            sigma = noise_std * torch.rand(len(z), 1, 1, device=z.device, dtype=z.dtype) if per_example else noise_std
+            z = z + sigma * torch.randn_like(z)
+        return self.normalize(z)
+
+    # ---- decoder side
+    def decode(self, z):
+        """x^ = D(denorm(z)) mapped back from ImageNet normalization to [0, 1] (not clamped)."""
+        x = self.decoder(self.denormalize(z))
+        return x * self.pixel_std + self.pixel_mean
+
+    def forward(self, images):
+        return self.decode(self.encode(images))
+
+    def _check_tokens(self, z):
+        N, n = self.decoder.num_patches, self.encoder.embed_dim
+        if z.dim() != 3 or z.shape[1:] != (N, n):
+            raise ValueError(f"RAE: expected tokens (B, {N}, {n}), got {tuple(z.shape)}")

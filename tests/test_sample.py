@@ -1,0 +1,250 @@
+"""sample.py: the sampling plan, eq. 10 end to end on a tiny trained pipeline, rank/batch
+independence, the npz/PNG/grid outputs, the exact NLL (eq. 2) and one-line errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = [(220, 40, 40), (40, 200, 60), (50, 80, 240)]
+
+
+# -----------------------------------------------------------------------------
+# The plan: labels and per-index noise.
+
+def test_class_plan_even_random_list():
+    even = sample.class_plan(10, 4, "even")
+    assert np.bincount(even, minlength=4).tolist() == [3, 3, 2, 2]      # all classes, as even as possible
+    assert sample.class_plan(50_000, 1000, "even").tolist().count(7) == 50  # the paper's 50 per class
+    r1, r2 = sample.class_plan(200, 5, "random", seed=3), sample.class_plan(200, 5, "random", seed=3)
+    assert (r1 == r2).all() and r1.min() >= 0 and r1.max() < 5 and len(set(r1.tolist())) == 5
+    assert not (sample.class_plan(200, 5, "random", seed=4) == r1).all()
+    assert sample.class_plan(5, 10, [7, 2]).tolist() == [7, 2, 7, 2, 7]
+    assert sample.class_plan(3, 0, "even").tolist() == [-1, -1, -1]   # unconditional
+
+
+def test_parse_classes_refuses_bad_lists():
+    assert sample.parse_classes("3,1", 5) == [3, 1]
+    assert sample.parse_classes("even", 5) == "even"
+    for bad in ("3,x", "", "0,5", "-1"):
+        with pytest.raises(ValueError, match="--classes"):
+            sample.parse_classes(bad, 5)
+
+
+def test_prior_noise_depends_only_on_seed_and_index():
+    full = sample.prior_noise(0, range(8), (4, 3))
+    assert torch.equal(sample.prior_noise(0, [5, 2], (4, 3)), full[[5, 2]])
+    assert not torch.equal(sample.prior_noise(1, range(8), (4, 3)), full)
+    # standard normal: a loose moment check on many draws
+    big = sample.prior_noise(0, range(64), (16, 8))
+    assert abs(big.mean().item()) < 0.05 and abs(big.std().item() - 1) < 0.05
+
+
+def test_grid_rows_are_classes_and_tiles_are_the_samples():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2])
+    g = np.asarray(sample.make_grid(images, labels, ["a", "b", "c"], rows=2, cols=3, min_tile=16))
+    # rows in plan order: class 2 then class 0 (class 1 is cut by rows=2); tiles enlarged 2x, pad 2
+    label_w = g.shape[1] - 3 * (16 + 2) - 2
+    assert g.shape[0] == 2 * (16 + 2) + 2
+    for r, c in enumerate([2, 0]):
+        for k, i in enumerate(np.flatnonzero(labels == c)[:3]):
+            y0, x0 = 2 + r * 18, label_w + 2 + k * 18
+            tile = g[y0:y0 + 16, x0:x0 + 16]
+            assert (tile == images[i].repeat(2, 0).repeat(2, 1)).all()
+
+
+# -----------------------------------------------------------------------------
+# A tiny pipeline trained by the real scripts.
+
+def draw(k, rng, size=32):
+    """A coloured disc of class k on a dark noisy background."""
+    yy, xx = np.mgrid[:size, :size]
+    cx, cy, r = rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(5, 9)
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = COLORS[k]
+    return img
+
+
+def image_folder(root, per_class, seed):
+    rng = np.random.default_rng(seed)
+    for k in range(len(COLORS)):
+        os.makedirs(root / f"c{k}", exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(draw(k, rng)).save(root / f"c{k}" / f"{i}.png")
+    return root
+
+
+def run(args, nproc=1, check=True):
+    args = [str(a) for a in args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + args
+    else:
+        cmd = [sys.executable] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:1])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Random DINOv2 (official layout) -> train_src.py (D + SRC) -> train_flow.py, at toy size."""
+    import rae
+    tmp = tmp_path_factory.mktemp("pipe")
+    data, heldout = image_folder(tmp / "train", 8, 0), image_folder(tmp / "heldout", 2, 1)
+    torch.manual_seed(0)
+    enc = tmp / "dinov2.pth"
+    torch.save(rae.DINOv2(embed_dim=32, depth=1, num_heads=1, num_registers=4, pos_grid=2).state_dict(), enc)
+    common = ["--data", data, "--batch-size", 8, "--epochs", 1, "--num-workers", 0, "--device", "cpu",
+              "--grid-every", 0, "--ckpt-every", 0]
+    run(["train_src.py", "--out", tmp / "s1", "--encoder", enc, "--train-decoder", "--decoder-width", 32,
+         "--decoder-depth", 1, "--decoder-heads", 1, "--decoder-mlp", 64, "--image-size", 32, "--src-depth", 1,
+         "--src-dim", 4, "--perceptual-weight", 0, "--disc", "patch", "--disc-width", 8] + common)
+    run(["train_flow.py", "--stage1", tmp / "s1" / "checkpoint.pt", "--out", tmp / "s2", "--model", "tiny",
+         "--ema", 0.5] + common)
+    return dict(tmp=tmp, flow=str(tmp / "s2" / "checkpoint.pt"), stage1=str(tmp / "s1" / "checkpoint.pt"),
+                heldout=str(heldout))
+
+
+def cli(argv):
+    """sample.py in this process (one rank); returns its exit status (None when it returns)."""
+    try:
+        sample.run_cli(sample.main, sample.build_parser().parse_args([str(a) for a in argv]))
+    except SystemExit as e:
+        return e.code
+
+
+def test_samples_are_eq10_and_independent_of_ranks_and_batches(pipeline):
+    tmp, flow = pipeline["tmp"], pipeline["flow"]
+    args = ["--ckpt", flow, "--num-samples", 7, "--cfg", 1.5, "--seed", 5, "--no-progress"]
+    assert cli(args + ["--out", tmp / "one", "--batch-size", 3]) is None
+    run(["sample.py"] + [str(a) for a in args] + ["--out", str(tmp / "two"), "--batch-size", 2], nproc=2)
+    one, two = np.load(tmp / "one" / "samples.npz"), np.load(tmp / "two" / "samples.npz")
+    assert one["arr_0"].dtype == np.uint8 and one["arr_0"].shape == (7, 32, 32, 3)
+    assert (one["arr_1"] == [0, 1, 2, 0, 1, 2, 0]).all() and (two["arr_1"] == one["arr_1"]).all()
+    # 1 rank / batch 3 vs 2 ranks / batch 2: each sample's noise is fixed by (seed, index)
+    diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+    for i in range(7):                                  # PNGs named by global index hold the npz images
+        assert (np.asarray(Image.open(tmp / "two" / "images" / f"{i:06d}.png")) == two["arr_0"][i]).all()
+    assert Image.open(tmp / "one" / "grid.png").size[0] > 3 * 32
+    assert json.load(open(tmp / "one" / "info.json"))["class_counts"] == [3, 2, 2]
+
+    # eq. 10 computed here from the loaded modules: u -> f^-1 (CFG) -> denorm2 -> C_dec -> RAE decode
+    from common import load_flow, load_stage1
+    f, _ = load_flow(flow)
+    rae, C, (mean2, std2) = load_stage1(pipeline["stage1"])
+    idx = [0, 4, 5]
+    u = sample.prior_noise(5, idx, (f.num_tokens, f.in_channels))
+    with torch.no_grad():
+        zc = f.reverse(u, torch.tensor([0, 1, 2]), guidance=1.5)
+        x = rae.decode(C.decode(zc * std2 + mean2)).clamp(0, 1)
+    ref = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ref.astype(int) - one["arr_0"][idx].astype(int)).max() <= 1
+
+    # reproducible with the seed, different with another seed
+    assert cli(args[:-3] + ["--seed", 5, "--no-progress", "--out", tmp / "again", "--no-png"]) is None
+    assert (np.load(tmp / "again" / "samples.npz")["arr_0"] == one["arr_0"]).all()
+    assert not (tmp / "again" / "images" / "000000.png").exists()
+    assert cli(args[:-3] + ["--seed", 6, "--no-progress", "--out", tmp / "other", "--no-png"]) is None
+    assert (np.load(tmp / "other" / "samples.npz")["arr_0"] != one["arr_0"]).any()
+
+
+def test_nll_is_the_exact_flow_likelihood(pipeline):
+    tmp, flow = pipeline["tmp"], pipeline["flow"]
+    out = tmp / "nll.json"
+    assert cli(["--ckpt", flow, "--nll", pipeline["heldout"], "--nll-json", out, "--nll-draws", 2,
+                "--batch-size", 2, "--no-progress"]) is None
+    res = json.load(open(out))
+    assert res["num_images"] == 6 and res["conditional"]
+    # independent: the RAE's own encode (no noise), norm2, and the flow's forward pass (eq. 2)
+    from common import load_flow, load_stage1
+    f, cfg = load_flow(flow)
+    rae, C, (mean2, std2) = load_stage1(pipeline["stage1"])
+    paths = [r["path"] for r in res["per_image"]]
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                     for p in paths]).float() / 255
+    y = torch.tensor([int(os.path.basename(os.path.dirname(p))[1:]) for p in paths])
+    with torch.no_grad():
+        zc = (C.encode(rae.encode(x)) - mean2) / std2
+        u, logdet = f(zc, y)
+    D = zc.shape[1] * zc.shape[2]
+    ref = (0.5 * u.pow(2).sum((1, 2)) + 0.5 * D * math.log(2 * math.pi) - logdet) / (D * math.log(2))
+    clean = np.array([r["clean"] for r in res["per_image"]])
+    noisy = np.array([r["noisy"] for r in res["per_image"]])
+    assert np.allclose(clean, ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(noisy).all() and not np.allclose(noisy, clean)
+    assert res["dims"] == D and res["noise_std"] == cfg["noise_std"]
+    assert math.isclose(res["nll_bpd_clean"], clean.mean(), rel_tol=1e-9)
+    assert math.isclose(res["nll_bpd_clean_sem"], clean.std(ddof=1) / math.sqrt(6), rel_tol=1e-9)
+    assert math.isclose(res["nll_bpd_noisy"], noisy.mean(), rel_tol=1e-9)
+    # the noisy estimate uses noise fixed per image (like the prior noise): other batches, same numbers
+    assert cli(["--ckpt", flow, "--nll", pipeline["heldout"], "--nll-json", tmp / "nll1.json", "--nll-draws", 2,
+                "--batch-size", 4, "--no-progress"]) is None
+    one = json.load(open(tmp / "nll1.json"))
+    assert np.allclose([r["noisy"] for r in one["per_image"]], noisy, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
+    flow = pipeline["flow"]
+    cases = [
+        (["--ckpt", tmp_path / "missing.pt", "--out", tmp_path], "missing.pt"),
+        (["--ckpt", flow, "--out", tmp_path, "--classes", "0,7"], "--classes"),
+        (["--ckpt", flow, "--out", tmp_path, "--classes", "red"], "--classes"),
+        (["--ckpt", flow, "--out", tmp_path, "--cfg", -1], "guidance"),
+        (["--ckpt", flow, "--nll", tmp_path / "nowhere"], "nowhere"),
+        (["--ckpt", flow, "--stage1", tmp_path / "gone.pt", "--out", tmp_path], "gone.pt"),
+        (["--ckpt", pipeline["stage1"], "--out", tmp_path], "checkpoint"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert cli(argv + ["--num-samples", 2, "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and needle in err, (argv, err)
+
+
+class TinyFeatures(torch.nn.Module):
+    """A cheap stand-in for the Inception (4x4 colour means -> 16 features, 10 logits)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.w2 = torch.randn(48, 16, generator=g), torch.randn(16, 10, generator=g)
+
+    def forward(self, images):
+        pool = torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ self.w1
+        return pool, pool @ self.w2
+
+
+def test_guidance_sweep_reports_fid_per_scale(pipeline, monkeypatch):
+    import fid
+    tmp, flow = pipeline["tmp"], pipeline["flow"]
+    monkeypatch.setattr(fid, "load_inception", lambda path: TinyFeatures())
+    weights = tmp / "weights.pth"
+    weights.write_bytes(b"unused")
+    assert cli(["--ckpt", flow, "--out", tmp / "sweep", "--num-samples", 5, "--cfg-sweep", "0,2", "--ref",
+                pipeline["heldout"], "--fid-weights", weights, "--no-progress", "--no-png"]) is None
+    res = json.load(open(tmp / "sweep" / "sweep.json"))["results"]
+    assert [r["guidance"] for r in res] == [0.0, 2.0]
+    # independent: features of the held-out PNGs and of each samples.npz through the same network
+    model = TinyFeatures()
+    held = sorted(str(p) for p in (tmp / "heldout").rglob("*.png"))
+    ref = torch.stack([torch.from_numpy(np.asarray(Image.open(p)).copy()) for p in held]).permute(0, 3, 1, 2) / 255
+    mu_r, sig_r = fid.statistics(model(ref.float())[0])
+    for r in res:
+        gen = np.load(tmp / "sweep" / f"cfg-{r['guidance']:g}" / "samples.npz")["arr_0"]
+        feats = model(torch.from_numpy(gen).permute(0, 3, 1, 2).float() / 255)[0]
+        assert math.isclose(r["fid"], fid.frechet_distance(*fid.statistics(feats), mu_r, sig_r), rel_tol=1e-4)
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["inception_score"] >= 1 - 1e-6

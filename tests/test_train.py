@@ -1,0 +1,421 @@
+"""train_src.py, train_flow.py and common.py at toy scale: one step lowers each stage's loss,
+LPIPS / discriminator / augmentation against independent computations, the sampler and the
+schedules, resume == uninterrupted, 2 processes (torchrun, gloo) == 1 process, norm2
+normalises the compact features, one-line data errors and the NaN stop."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import common
+import train_flow
+import train_src
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = [(220, 40, 40), (40, 200, 60)]
+TINY_DECODER = ["--train-decoder", "--decoder-width", "64", "--decoder-depth", "1", "--decoder-heads", "1",
+                "--decoder-mlp", "128"]
+
+
+def run(script, args, nproc=1, check=True):
+    pre = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(pre + [script] + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{script} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def assert_equal_states(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """2 classes x 6 images of assorted sizes (the ADM crop must cope) and a tiny random DINOv2."""
+    import rae
+    tmp = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    for k, color in enumerate(COLORS):
+        os.makedirs(tmp / "data" / f"class{k}")
+        for i in range(6):
+            h, w = [(40, 48), (64, 36), (32, 32)][i % 3]
+            img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+            img[h // 4:h // 2, w // 4:3 * w // 4] = color
+            Image.fromarray(img).save(tmp / "data" / f"class{k}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(rae.DINOv2(embed_dim=64, depth=1, num_heads=1, num_registers=4, pos_grid=2).state_dict(),
+               tmp / "dinov2.pth")
+    return tmp
+
+
+def src_args(toy, out, extra=()):
+    return ["--data", toy / "data", "--out", out, "--encoder", toy / "dinov2.pth", *TINY_DECODER,
+            "--image-size", 32, "--src-dim", 8, "--src-depth", 1, "--perceptual-weight", 0, "--disc", "patch",
+            "--disc-width", 8, "--disc-start", 1, "--disc-upd-start", 0, "--epochs", 2, "--batch-size", 4,
+            "--num-workers", 0, "--grid-every", 3, "--log-every", 1, "--device", "cpu", *extra]
+
+
+def flow_args(toy, stage1, out, extra=()):
+    return ["--data", toy / "data", "--stage1", stage1, "--out", out, "--model", "tiny", "--epochs", 3,
+            "--batch-size", 4, "--num-workers", 0, "--grid-every", 5, "--log-every", 1, "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def stage1(toy):
+    """One uninterrupted single-process stage-1 run (GAN on from epoch 1, D updates from epoch 0)."""
+    run("train_src.py", src_args(toy, toy / "s1"))
+    return toy / "s1" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def stage2(toy, stage1):
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2"))
+    return toy / "s2" / "checkpoint.pt"
+
+
+# -----------------------------------------------------------------------------
+# One optimisation step lowers each stage's loss on a fixed batch
+
+def tiny_rae():
+    import rae
+    torch.manual_seed(0)
+    enc = rae.DINOv2(embed_dim=64, depth=1, num_heads=1, num_registers=4, pos_grid=2).eval().requires_grad_(False)
+    dec = rae.RAEDecoder(in_dim=64, hidden=64, depth=1, num_heads=1, mlp_dim=128, patch_size=16, num_patches=4)
+    model = rae.RAE(enc, dec, image_size=32)
+    model.requires_grad_(False)
+    return model
+
+
+def test_one_src_step_lowers_the_loss_on_a_fixed_batch():
+    from src import SRC
+    model = tiny_rae()
+    C = SRC(n=64, d=8, depth=1)
+    lpips = train_src.LPIPS()
+    for lin in lpips.lins:  # LPIPS heads are non-negative
+        lin.weight.data.abs_()
+    lpips.requires_grad_(False)
+    x = torch.rand(4, 3, 32, 32)
+    z_raw = model.encode_raw(x)
+    sigma = torch.rand(4) * 0.8
+    z = model.normalize(z_raw + sigma.view(-1, 1, 1) * torch.randn_like(z_raw))   # eq. 7
+    net = train_src.Reconstructor(model, C)
+    opt = torch.optim.AdamW(C.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def loss():
+        return train_src.generator_loss(net(z), x, lpips, 1.0)[0]
+    before = loss()
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    after = loss().item()
+    assert after < before.item() - 1e-4, (before.item(), after)
+
+
+def test_one_flow_step_lowers_the_loss_on_a_fixed_batch():
+    from tarflow import SIZES, TARFlow
+    torch.manual_seed(0)
+    flow = TARFlow(in_channels=8, num_tokens=4, num_classes=2, **SIZES["tiny"])
+    zc = torch.randn(6, 4, 8) * torch.linspace(0.3, 2.0, 8) + 0.5
+    y = torch.tensor([0, 1, 2, 0, 1, 2])            # 2 = null label
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
+    before = train_flow.nll_per_dim(*flow(zc, y)).mean()
+    # eq. 9 per dim is the exact NLL minus the Gaussian constant
+    exact = -flow.log_prob(zc, y).mean().item() / 32
+    assert before.item() == pytest.approx(exact - 0.5 * math.log(2 * math.pi), abs=1e-5)
+    opt.zero_grad()
+    before.backward()
+    torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
+    opt.step()
+    after = train_flow.nll_per_dim(*flow(zc, y)).mean().item()
+    assert after < before.item() - 1e-4, (before.item(), after)
+
+
+# -----------------------------------------------------------------------------
+# Loss components against independent computations
+
+def test_lpips_matches_an_independent_vgg16_computation(tmp_path):
+    torch.manual_seed(0)
+    feats = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # torchvision's vgg16().features
+    torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, tmp_path / "vgg16.pth")
+    chans = (64, 128, 256, 512, 512)
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(chans)}
+    torch.save(lins, tmp_path / "lin.pth")
+    lp = train_src.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def reference(a, b):  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = outputs of features[3, 8, 15, 22, 29]
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        ha, hb, total, k = (a - shift) / scale, (b - shift) / scale, 0, 0
+        for i, layer in enumerate(feats):
+            ha, hb = layer(ha), layer(hb)
+            if i in (3, 8, 15, 22, 29):
+                na = ha / (ha.norm(dim=1, keepdim=True) + 1e-10)
+                nb = hb / (hb.norm(dim=1, keepdim=True) + 1e-10)
+                total = total + ((na - nb) ** 2 * lins[f"lin{k}.model.1.weight"]).sum(1).mean((1, 2))
+                k += 1
+        return total
+
+    with torch.no_grad():
+        assert torch.allclose(lp(a, b), reference(a, b), rtol=1e-4, atol=1e-6)
+        assert lp(a, a).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="lin.pth: expected torchvision VGG16"):
+        train_src.load_lpips(str(tmp_path / "lin.pth"), str(tmp_path / "lin.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        train_src.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "nope.pth"))
+    with pytest.raises(ValueError, match="LPIPS linear heads"):
+        train_src.load_lpips(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg16.pth"))
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    w = torch.randn(5, 3, requires_grad=True)
+    x = torch.randn(7, 5)
+    rec, gan = (x @ w).abs().mean(), -(x @ w).sin().mean()
+    g_rec, = torch.autograd.grad(rec, w, retain_graph=True)
+    g_gan, = torch.autograd.grad(gan, w, retain_graph=True)
+    lam = train_src.adaptive_weight(rec, gan, w)
+    assert lam.item() == pytest.approx((g_rec.norm() / (g_gan.norm() + 1e-6)).item(), rel=1e-6)
+
+
+def test_diff_augment_identity_and_translation():
+    x = torch.rand(2, 3, 16, 16)
+    neutral = torch.full((2, 5), 0.5)          # no shift, brightness +0, saturation x1, contrast x1
+    assert torch.allclose(train_src.diff_augment(x, neutral), x, atol=1e-6)
+    u = neutral.clone()
+    u[0, 0] = 0.99                             # max downward read offset: +2 rows (16 * 1/8 = 2)
+    out = train_src.diff_augment(x, u)
+    expect = torch.zeros_like(x[0])
+    expect[:, :14] = x[0, :, 2:]               # output row i reads input row i + 2, zero beyond the edge
+    assert torch.allclose(out[0], expect, atol=1e-6)
+    assert torch.allclose(out[1], x[1], atol=1e-6)
+
+
+def test_dino_discriminator_reads_the_official_dino_layout(tmp_path, toy):
+    import rae
+    torch.manual_seed(0)
+    dim, depth, patch, grid = 64, 3, 8, 2
+    sd = {"cls_token": torch.randn(1, 1, dim), "pos_embed": torch.randn(1, 1 + grid * grid, dim),
+          "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch) * 0.05,
+          "patch_embed.proj.bias": torch.zeros(dim), "norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)}
+    for i in range(depth):
+        sd.update({f"blocks.{i}.{k}": v for k, v in rae.Block(dim, 1).state_dict().items()})
+    torch.save(sd, tmp_path / "dino.pth")
+    disc = train_src.DINODiscriminator(train_src.load_dino_backbone(str(tmp_path / "dino.pth")))
+    logits = disc(torch.rand(3, 3, 32, 32) * 2 - 1)
+    assert logits.shape == (3, grid * grid * 2)     # tokens x heads (taps 2 (< depth 3) + the output)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert all(p.grad is None for p in disc.backbone[0].parameters())
+    assert not any(k.startswith("backbone") for k in disc.state_dict())
+    with pytest.raises(ValueError, match="DINO \\(v1\\)"):   # a DINOv2 file is refused with the reason
+        train_src.load_dino_backbone(str(toy / "dinov2.pth"))
+
+
+# -----------------------------------------------------------------------------
+# common.py: schedules, sampler, data
+
+def test_learning_rate_schedules_closed_form():
+    f = common.lr_warmup_cosine
+    assert f(0, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-5)          # (step + 1) / warmup * base
+    assert f(9, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-4)
+    assert f(60, 10, 110, 2e-4, 2e-5) == pytest.approx(1.1e-4)        # half-way: (base + final) / 2
+    assert f(110, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-5)
+    g = common.lr_constant_cosine
+    assert g(0, 50, 100, 1e-4, 1e-6) == g(49, 50, 100, 1e-4, 1e-6) == 1e-4
+    assert g(75, 50, 100, 1e-4, 1e-6) == pytest.approx((1e-4 + 1e-6) / 2)
+    assert g(100, 50, 100, 1e-4, 1e-6) == pytest.approx(1e-6)
+
+
+def test_sampler_ranks_split_each_global_batch_and_resume_mid_epoch():
+    one = common.EpochSampler(23, 6, seed=3)
+    one.set_epoch(2)
+    order = list(one)
+    assert len(order) == 18 and len(set(order)) == 18               # whole global batches only
+    for world in (2, 3):
+        parts = []
+        for r in range(world):
+            s = common.EpochSampler(23, 6, r, world, seed=3)
+            s.set_epoch(2)
+            parts.append(list(s))
+        for k in range(3):                                          # k-th local batches = k-th global batch
+            local = [i for p in parts for i in p[k * 6 // world:(k + 1) * 6 // world]]
+            assert sorted(local) == sorted(order[k * 6:(k + 1) * 6])
+    one.set_epoch(2, start_step=2)
+    assert list(one) == order[12:]
+    one.set_epoch(3)
+    assert list(one) != order
+
+
+def test_image_folder_errors_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        common.ImageFolder(str(tmp_path / "missing"), 32)
+    os.makedirs(tmp_path / "empty" / "a")
+    with pytest.raises(ValueError, match="no images"):
+        common.ImageFolder(str(tmp_path / "empty"), 32)
+    root = tmp_path / "d"
+    for k in ("b", "a"):
+        os.makedirs(root / k)
+        Image.fromarray(np.full((40, 50, 3), 100 if k == "a" else 200, np.uint8)).save(root / k / "x.png")
+    (root / "a" / "broken.png").write_bytes(b"not an image")
+    ds = common.ImageFolder(str(root), 32)
+    assert ds.classes == ["a", "b"] and [l for _, l in ds.samples] == [0, 0, 1]
+    with pytest.raises(ValueError, match="broken.png: unreadable image"):
+        ds[0]
+    img, label = ds[1]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and label == 0 and (img == 100).all()
+    bad = common.find_unreadable([p for p, _ in ds.samples])
+    assert bad == [str(root / "a" / "broken.png")]
+    assert len(common.ImageFolder(str(root), 32, exclude=bad)) == 2
+
+
+def cli(module, args, capsys):
+    """module.main through common.run_cli in this process: (exit status, stderr)."""
+    code = 0
+    try:
+        common.run_cli(module.main, module.build_parser().parse_args([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_errors_are_one_line(tmp_path, toy, stage1, capsys):
+    code, err = cli(train_flow, flow_args(toy, stage1, tmp_path / "o", ["--data", tmp_path / "nothing"]), capsys)
+    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "nothing: no such folder" in errors[0]
+    data = tmp_path / "data"
+    for k in ("a", "b"):
+        os.makedirs(data / k)
+        for i in range(3):
+            Image.fromarray(np.full((32, 32, 3), 50 * i, np.uint8)).save(data / k / f"{i}.png")
+    (data / "b" / "zz_broken.png").write_bytes(b"junk")
+    args = flow_args(toy, stage1, tmp_path / "o2", ["--data", data, "--epochs", 1, "--batch-size", 7, "--num-workers", 1])
+    code, err = cli(train_flow, args, capsys)       # raised inside a loader worker: still one line
+    errors = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "zz_broken.png: unreadable image" in errors[0]
+    args = flow_args(toy, stage1, tmp_path / "o3", ["--data", data, "--epochs", 1, "--skip-bad-images", "--grid-every", 0])
+    code, err = cli(train_flow, args, capsys)
+    assert code == 0 and "skipping 1 unreadable images" in err and "zz_broken.png" in err
+    assert load(tmp_path / "o3" / "checkpoint.pt")["step"] == 1       # 6 readable images, one batch of 4
+    code, err = cli(train_src, src_args(toy, tmp_path / "o4", ["--perceptual-weight", 1]), capsys)
+    assert code == 2 and "--lpips-vgg" in err and "Traceback" not in err
+
+
+def test_every_argument_has_help_and_paper_defaults():
+    for parser in (train_src.build_parser(), train_flow.build_parser()):
+        for action in parser._actions:
+            assert action.help, action.dest
+    s = train_src.build_parser().parse_args(["--data", "d", "--out", "o", "--encoder", "e"])
+    assert (s.lr, s.min_lr, s.epochs, s.batch_size, s.noise_max, s.src_dim, s.src_depth) == (2e-4, 2e-5, 16, 256, 0.8, 32, 4)
+    assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
+    f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
+    assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema) == \
+        (1e-4, 1e-6, 320, 256, 0.4, 0.1, 1.0, 0.9999)
+    assert train_flow.SIZES[f.model]["channels"] == 1152 and train_flow.SIZES[f.model]["depths"] == [2] * 5 + [36]
+    assert train_flow.SIZES[f.model]["channels"] // train_flow.SIZES[f.model]["head_dim"] == 16
+
+
+# -----------------------------------------------------------------------------
+# Whole runs: resume, 2 processes, statistics, logs, NaN
+
+def test_stage1_resume_and_two_processes_match_one_uninterrupted_run(toy, stage1):
+    run("train_src.py", src_args(toy, toy / "s1r", ["--max-steps", 2]))
+    mid = load(toy / "s1r" / "checkpoint.pt")
+    assert mid["step"] == 2 and mid["norm2"] is None
+    run("train_src.py", src_args(toy, toy / "s1r", ["--resume"]))
+    run("train_src.py", src_args(toy, toy / "s1p"), nproc=2)
+    a, r, p = load(stage1), load(toy / "s1r" / "checkpoint.pt"), load(toy / "s1p" / "checkpoint.pt")
+    assert a["step"] == r["step"] == p["step"] == 6
+    for key in ("src", "src_ema", "decoder", "decoder_ema", "discriminator"):
+        assert_equal_states(a[key], r[key])                       # resume == uninterrupted, bit for bit
+        assert max_diff(a[key], p[key]) < 1e-4, key               # 2 processes == 1 (summation order only)
+    assert_equal_states(a["norm2"], r["norm2"])
+    assert max_diff(a["norm2"], p["norm2"]) < 1e-4
+    logs = [json.loads(l) for l in open(toy / "s1" / "log.jsonl")]
+    logp = [json.loads(l) for l in open(toy / "s1p" / "log.jsonl")]
+    assert [l["step"] for l in logs] == list(range(1, 7))
+    assert np.allclose([l["loss"] for l in logs], [l["loss"] for l in logp], atol=1e-4)
+    assert logs[0]["gan_on"] is False and logs[-1]["gan_on"] is True and logs[0]["disc_loss"] > 0
+    assert os.path.exists(toy / "s1" / "recon" / "0000006.png")
+
+
+def test_stage1_checkpoint_and_norm2_reproduce_the_normalisation(toy, stage1):
+    ckpt = load(stage1)
+    for key in ("stage", "args", "step", "epoch", "src", "src_ema", "decoder", "decoder_ema", "encoder_path",
+                "decoder_path", "decoder_config", "src_config", "rae_stats", "norm2", "image_size", "num_classes",
+                "optimizer", "scaler", "discriminator", "disc_optimizer", "rng"):
+        assert key in ckpt, key
+    assert ckpt["stage"] == "src" and ckpt["num_classes"] == 2 and ckpt["image_size"] == 32
+    rae_model, C, (mean2, std2) = common.load_stage1(str(stage1))
+    assert mean2.shape == std2.shape == (8,)
+    ds = common.ImageFolder(str(toy / "data"), 32)
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
+    with torch.no_grad():
+        raw = rae_model.encode_raw(x).reshape(-1, 64).double()
+        zc = C.encode(rae_model.encode(x)).reshape(-1, 8).double()
+    # RAE statistics (eq. 1) computed at the start are those of the raw tokens of the training set
+    assert torch.allclose(raw.mean(0).float(), rae_model.mean.reshape(-1), atol=1e-4)
+    assert torch.allclose(raw.var(0, unbiased=False).float(), rae_model.var.reshape(-1), rtol=1e-3, atol=1e-5)
+    # norm2 (eq. 5): the compact features of the training set come out zero-mean, unit-variance
+    zn = (zc - mean2.double()) / std2.double()
+    assert torch.allclose(zn.mean(0), torch.zeros(8, dtype=torch.double), atol=1e-4)
+    assert torch.allclose(zn.var(0, unbiased=False), torch.ones(8, dtype=torch.double), atol=1e-3)
+
+
+def test_flow_resume_and_two_processes_match_one_uninterrupted_run(toy, stage1, stage2):
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2r", ["--max-steps", 4]))
+    assert load(toy / "s2r" / "checkpoint.pt")["step"] == 4
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2r", ["--resume"]))
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2p"), nproc=2)
+    a, r, p = load(stage2), load(toy / "s2r" / "checkpoint.pt"), load(toy / "s2p" / "checkpoint.pt")
+    assert a["step"] == r["step"] == p["step"] == 9
+    for key in ("flow", "flow_ema"):
+        assert_equal_states(a[key], r[key])
+        assert max_diff(a[key], p[key]) < 1e-4, key
+    assert_equal_states(a["optimizer"]["state"][0], r["optimizer"]["state"][0])
+    for key in ("stage", "args", "step", "epoch", "flow", "flow_ema", "flow_config", "stage1", "noise_std",
+                "num_classes", "image_size", "optimizer", "scaler", "rng"):
+        assert key in a, key
+    flow, cfg = common.load_flow(str(stage2))
+    assert cfg["noise_std"] == 0.4 and cfg["num_classes"] == 2 and cfg["image_size"] == 32
+    assert os.path.samefile(cfg["stage1"], stage1)
+    logs = [json.loads(l) for l in open(toy / "s2" / "log.jsonl")]
+    for l in logs:
+        assert l["bpd"] == pytest.approx((l["loss"] + 0.5 * math.log(2 * math.pi)) / math.log(2))
+        assert {"lr", "grad_norm", "images_per_s"} <= l.keys()
+    assert logs[0]["lr"] == 1e-4 and logs[-1]["lr"] < logs[4]["lr"]      # constant, then cosine from epoch 1.5
+    assert os.path.exists(toy / "s2" / "samples" / "0000005.png")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(toy, stage1):
+    out = toy / "s2nan"
+    run("train_flow.py", flow_args(toy, stage1, out, ["--max-steps", 2, "--grid-every", 0]))
+    res = run("train_flow.py", flow_args(toy, stage1, out, ["--resume", "--lr", 1e30, "--grid-every", 0]), check=False)
+    assert res.returncode == 3, res.stderr[-2000:]
+    msg = [l for l in res.stderr.splitlines() if "non-finite" in l]
+    assert msg and "at step " in msg[0]
+    bad_step = int(msg[0].split("at step ")[1].split()[0])
+    ckpt = load(out / "checkpoint.pt")
+    assert ckpt["step"] < bad_step and f"(step {ckpt['step']})" in msg[0]
+    assert all(torch.isfinite(v).all() for v in ckpt["flow"].values())
