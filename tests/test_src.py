@@ -71,7 +71,7 @@ def test_compression_mixes_tokens_globally():
     C = randomized(SRC(n=64, d=8, depth=1, num_heads=4)).eval()
     z = torch.randn(1, 12, 64)
     z2 = z.clone()
-    z2[0, 5] += 1.0
+    z2[0, 5] += torch.randn(64)
     delta = (C.encode(z2) - C.encode(z)).abs().amax(-1)[0]
     assert (delta > 1e-6).all(), delta
 
@@ -85,12 +85,14 @@ def test_config_round_trip():
 
 
 def test_learns_to_reconstruct_low_rank_tokens():
-    """Tokens on a d-dimensional subspace of R^n can pass the n -> d bottleneck: a few hundred
-    Adam steps must bring the reconstruction error far below the data variance."""
+    """Tokens with d degrees of freedom can pass the n -> d bottleneck: a few hundred Adam steps
+    must bring the reconstruction error far below the data variance. The tokens are shaped like
+    RAE tokens (eq. 1): a LayerNorm output without affine, standardised per channel."""
     torch.manual_seed(0)
     n, d, N = 32, 4, 8
     A = torch.randn(d, n) / math.sqrt(d)
-    data = lambda b: torch.randn(b, N, d) @ A
+    gamma, beta = 0.5 + torch.rand(n), torch.randn(n)
+    data = lambda b: F.layer_norm(torch.randn(b, N, d) @ A, (n,)) * gamma + beta
     C = SRC(n=n, d=d, depth=1, num_heads=2)
     opt = torch.optim.Adam(C.parameters(), lr=3e-3)
     for _ in range(300):
