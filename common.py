@@ -366,6 +366,17 @@ def save_grid(images, path, nrow=8, labels=None):
     os.replace(path + ".tmp", path)
 
 
+def add_run_arguments(p):
+    """The run-control flags both training scripts share (data loading, seeding, resuming, logging)."""
+    p.add_argument("--num-workers", type=int, default=8, help="data-loader processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-example noise")
+    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt exactly")
+    p.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) at this global step; the schedule still follows --epochs (0: off)")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log.jsonl records")
+    p.add_argument("--skip-bad-images", action="store_true", help="check every image first and leave out unreadable ones (listed on stderr)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
 def run_cli(main, args):
     """Run main(args); a user error (bad file, argument, data) is one line on stderr, exit 2."""
     try:

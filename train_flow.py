@@ -288,16 +288,10 @@ def build_parser():
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the flow")
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute Transformer layers in backward to save memory")
-    p.add_argument("--num-workers", type=int, default=8, help="data-loader processes per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-example noise")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt exactly")
-    p.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) at this global step; the schedule still follows --epochs (0: off)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log.jsonl records")
     p.add_argument("--grid-every", type=int, default=5000, help="steps between sample grids of the EMA flow (0: off)")
     p.add_argument("--sample-cfg", type=float, default=1.0, help="guidance scale of the sample grids")
     p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints besides every epoch end (0: epoch ends only)")
-    p.add_argument("--skip-bad-images", action="store_true", help="check every image first and leave out unreadable ones (listed on stderr)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    common.add_run_arguments(p)
     return p
 
 

@@ -635,15 +635,9 @@ def build_parser():
     p.add_argument("--disc-upd-start", type=int, default=6, help="epoch from which the discriminator is updated")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the SRC (and D) weights")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast precision of the forward passes")
-    p.add_argument("--num-workers", type=int, default=8, help="data-loader processes per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-example noise")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt exactly")
-    p.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) at this global step; the schedule still follows --epochs (0: off)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log.jsonl records")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between reconstruction grids of the EMA model (0: off)")
     p.add_argument("--ckpt-every", type=int, default=2500, help="steps between checkpoints besides every epoch end (0: epoch ends only)")
-    p.add_argument("--skip-bad-images", action="store_true", help="check every image first and leave out unreadable ones (listed on stderr)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    common.add_run_arguments(p)
     return p
 
 
