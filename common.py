@@ -309,6 +309,21 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stop_if_non_finite(first_bad, epoch, ckpt_path, last_good, bar):
+    """Exit with status 3, naming the step, if any rank saw a non-finite loss (first_bad >= 0: the
+    first such step). One host sync per call, so the scripts call it at log and checkpoint steps."""
+    bad_step = int(all_reduce_(first_bad.clone(), op="max"))
+    if bad_step < 0:
+        return
+    bar.close()
+    where = f"; last good checkpoint {ckpt_path} (step {last_good})" if last_good is not None \
+        else "; no checkpoint was written"
+    print(f"error: loss became non-finite (nan/inf) at step {bad_step} (epoch {epoch}); stopping{where}",
+          file=sys.stderr)
+    cleanup_ddp()
+    sys.exit(3)
+
+
 def save_checkpoint(obj, path):
     """torch.save to path + '.tmp', then rename: a crash never leaves a half-written checkpoint."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -235,15 +235,7 @@ def main(args):
             end_of_epoch = step % steps_per_epoch == 0
             ckpt_due = end_of_epoch or step >= stop or (args.ckpt_every and step % args.ckpt_every == 0)
             if step % args.log_every == 0 or ckpt_due:
-                bad_step = int(common.all_reduce_(first_bad.clone(), op="max"))  # one host sync per log
-                if bad_step >= 0:
-                    bar.close()
-                    where = f"; last good checkpoint {ckpt_path} (step {last_good})" if last_good is not None else \
-                        "; no checkpoint was written"
-                    print(f"error: loss became non-finite (nan/inf) at step {bad_step} (epoch {epoch}); "
-                          f"stopping{where}", file=sys.stderr)
-                    common.cleanup_ddp()
-                    sys.exit(3)
+                common.stop_if_non_finite(first_bad, epoch, ckpt_path, last_good, bar)  # one host sync per log
                 common.all_reduce_(sums)
                 loss_m, gn_m, _ = (sums / sums[2]).tolist()
                 dt = time.time() - t_log
