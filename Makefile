@@ -9,7 +9,7 @@ venv: $(STAMP)
 
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv .venv
-	$(PY) -m pip install -q -r requirements.txt pytest -c constraints.txt
+	$(PY) -m pip install -q -r requirements.txt pytest pytorch-fid==0.3.0 -c constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)

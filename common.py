@@ -1,17 +1,17 @@
 """What train_src.py, train_flow.py and sample.py share, written once.
 
 Contents, in order:
-  data         center_crop_arr (ADM's crop), ImageFolder (labels from sorted folder names,
-               uint8 tensors, unreadable files named by path), find_unreadable, EpochSampler
-               (the per-epoch distributed sampler, resumable mid-epoch), make_loader
-  randomness   step_generator / global_randn / global_rand: per-example randomness drawn for
-               the whole global batch from a generator seeded by (seed, step, stream), then the
-               rank's rows taken, so N processes compute what one process computes
-  ddp          setup_ddp, cleanup_ddp, all_reduce_, broadcast_module, channel_stats
-  training     update_ema, requires_grad, lr_warmup_cosine, lr_constant_cosine,
-               capture_rng / restore_rng, save_checkpoint (atomic), JsonlLog, save_grid,
+  data         center_crop_arr (ADM's crop), ImageFolder (labels from sorted folder names, uint8
+               tensors, unreadable files named by path), training_set, EpochSampler (the per-epoch
+               distributed sampler, resumable mid-epoch), make_loader, to_unit
+  randomness   seed_of, step_generator, global_randn / global_rand and encoder_noise (eq. 7 / 8):
+               per-example randomness drawn for the whole global batch from a generator seeded by
+               (seed, step, stream), then the rank's rows taken, so N processes compute what one does
+  ddp          setup_ddp, cleanup_ddp, all_reduce_, average_grads, broadcast_module, channel_stats
+  training     update_ema, lr schedules, capture_rng / restore_rng, TrainLog (loss sums, the first
+               non-finite step, log.jsonl), atomic_write / save_checkpoint / save_json, save_grid,
                UserError and run_cli (one-line errors, exit status 2)
-  loaders      load_stage1(path) -> (rae, C, norm2), load_flow(path) -> (flow, cfg)
+  stages       Stage1 (eq. 5, 8, 10), load_stage1, load_flow
 
 Images travel as uint8 (B, 3, S, S) from the loader and become floats in [0, 1] on the device.
 """
@@ -22,11 +22,18 @@ import os
 import random
 import re
 import sys
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from rae import RAE, RAEDecoder, load_dinov2, load_rae_decoder
+from src import COMPRESSORS
+from tarflow import TARFlow
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -51,31 +58,32 @@ def center_crop_arr(pil_image, image_size):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image>: labels are the sorted class-folder indices (torchvision's order).
+    """root/<class>/**/<image>: labels are the sorted class-folder indices (torchvision's order);
+    with flat=True a folder of images without class folders is read too (every label 0).
 
     Returns (uint8 tensor (3, S, S) after the ADM centre crop, label). Flips are not done here:
     they are drawn per global example in the training step (see global_rand), so they do not
     depend on the number of ranks or loader workers. `exclude` removes known-bad files.
     """
 
-    def __init__(self, root, image_size, exclude=()):
+    def __init__(self, root, image_size, exclude=(), flat=False):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder; expected an ImageFolder (one subfolder per class)")
         self.root, self.image_size = root, image_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes:
+        if not self.classes and not flat:
             raise UserError(f"{root}: no class subfolders; expected root/<class>/<image> (ImageFolder layout)")
         exclude = set(exclude)
         self.samples = []
-        for label, name in enumerate(self.classes):
-            for dirpath, dirnames, files in os.walk(os.path.join(root, name), followlinks=True):
+        for label, folder in enumerate([os.path.join(root, c) for c in self.classes] or [root]):
+            for dirpath, dirnames, files in os.walk(folder, followlinks=True):
                 dirnames.sort()
                 for f in sorted(files):
                     path = os.path.join(dirpath, f)
                     if f.lower().endswith(IMAGE_EXTENSIONS) and path not in exclude:
                         self.samples.append((path, label))
         if not self.samples:
-            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its {len(self.classes)} class folders")
+            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its class folders")
 
     def __len__(self):
         return len(self.samples)
@@ -95,6 +103,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class _Readable(torch.utils.data.Dataset):
+    """Whether each image decodes (True / False), for training_set's --skip-bad-images check."""
+
     def __init__(self, paths):
         self.paths = paths
 
@@ -110,18 +120,24 @@ class _Readable(torch.utils.data.Dataset):
             return False
 
 
-def find_unreadable(paths, rank=0, world=1, num_workers=0):
-    """Paths PIL cannot decode, checked in parallel (rank shard x loader workers), on every rank."""
+def training_set(args, image_size, rank=0, world=1):
+    """The ImageFolder of --data; with --skip-bad-images every image is decoded first (rank shard x loader
+    workers) and the unreadable ones are left out, listed on stderr by rank 0."""
+    dataset = ImageFolder(args.data, image_size)
+    if not args.skip_bad_images:
+        return dataset
+    paths = [p for p, _ in dataset.samples]
     mine = list(range(rank, len(paths), world))
     loader = torch.utils.data.DataLoader(_Readable([paths[i] for i in mine]), batch_size=64,
-                                         num_workers=num_workers, collate_fn=list)
-    ok = [flag for batch in loader for flag in batch]
-    bad = [paths[i] for i, good in zip(mine, ok) if not good]
+                                         num_workers=args.num_workers, collate_fn=list)
+    bad = [paths[i] for i, good in zip(mine, [flag for batch in loader for flag in batch]) if not good]
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, bad)
         bad = sorted(p for part in gathered for p in part)
-    return bad
+    if bad and rank == 0:
+        print(f"skipping {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)}", file=sys.stderr)
+    return ImageFolder(args.data, image_size, exclude=bad) if bad else dataset
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -174,10 +190,14 @@ def to_unit(images_uint8, device, flip=None):
 # -----------------------------------------------------------------------------
 # Per-example randomness, independent of the number of ranks
 
+def seed_of(*keys):
+    """A well-mixed 63-bit generator seed for a tuple of integers (global seed, step or index, stream...)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def step_generator(seed, step, stream, device):
     """A generator on `device` seeded by (seed, step, stream): the same numbers on every rank."""
-    s = int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(s)
+    return torch.Generator(device=device).manual_seed(seed_of(seed, step, stream))
 
 
 def global_randn(gen, global_batch, shape, rank, world, device):
@@ -189,6 +209,17 @@ def global_randn(gen, global_batch, shape, rank, world, device):
 def global_rand(gen, global_batch, shape, rank, world, device):
     """U[0, 1) counterpart of global_randn."""
     return torch.rand((global_batch, *shape), generator=gen, device=device)[rank::world]
+
+
+def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_example):
+    """eps of eq. 7 / 8, the noise added to the raw encoder output E(x), for this rank's rows:
+    sigma * N(0, I) with a constant sigma (the flow's sigma_flow, eq. 8), or with sigma_i ~ U(0, sigma)
+    drawn per example first (RAE's per-example noise, eq. 7). The one place this noise is drawn."""
+    scale = torch.full((global_batch,), float(sigma), device=device)[rank::world]
+    if per_example:
+        scale = global_rand(gen, global_batch, (), rank, world, device) * sigma
+    eps = global_randn(gen, global_batch, shape, rank, world, device)
+    return scale.view(-1, *[1] * len(shape)) * eps
 
 
 # -----------------------------------------------------------------------------
@@ -243,21 +274,23 @@ def broadcast_module(module, src=0):
 
 
 @torch.no_grad()
-def channel_stats(batches, fn, device):
-    """Channel-wise mean and (population) variance of fn(batch) (B, N, C) over all tokens of all
-    batches of all ranks, accumulated in float64 (eq. 1 and eq. 5 statistics)."""
+def channel_stats(batches, fn, device, covariance=False):
+    """Channel mean (C,) and population variance (C,) of fn(batch) (B, N, C) over all tokens of all batches of
+    all ranks, accumulated in float64 (eq. 1 and eq. 5); covariance=True: the (C, C) covariance instead (PCA)."""
     acc = None
     for batch in batches:
         t = fn(batch).double()
         t = t.reshape(-1, t.shape[-1])
-        part = torch.stack([t.sum(0), t.pow(2).sum(0), torch.full_like(t[0], t.shape[0])])
+        part = torch.cat([torch.full_like(t[:1], t.shape[0]), t.sum(0, keepdim=True),
+                          t.T @ t if covariance else t.pow(2).sum(0, keepdim=True)])
         acc = part if acc is None else acc + part
     if acc is None:
         raise UserError("channel statistics: no data on this rank (dataset smaller than the number of processes?)")
     all_reduce_(acc, op="sum")
-    mean = acc[0] / acc[2]
-    var = (acc[1] / acc[2] - mean.pow(2)).clamp_min(0)
-    return mean.float(), var.float()
+    mean, second = acc[1] / acc[0, 0], acc[2:] / acc[0, 0]
+    if covariance:
+        return mean, second - torch.outer(mean, mean)
+    return mean.float(), (second[0] - mean.pow(2)).clamp_min(0).float()
 
 
 # -----------------------------------------------------------------------------
@@ -270,11 +303,6 @@ def update_ema(ema, model, decay):
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-def requires_grad(module, flag):
-    for p in module.parameters():
-        p.requires_grad_(flag)
 
 
 def lr_warmup_cosine(step, warmup_steps, total_steps, base, final):
@@ -309,33 +337,28 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def stop_if_non_finite(first_bad, epoch, ckpt_path, last_good, bar):
-    """Exit with status 3, naming the step, if any rank saw a non-finite loss (first_bad >= 0: the
-    first such step). One host sync per call, so the scripts call it at log and checkpoint steps."""
-    bad_step = int(all_reduce_(first_bad.clone(), op="max"))
-    if bad_step < 0:
-        return
-    bar.close()
-    where = f"; last good checkpoint {ckpt_path} (step {last_good})" if last_good is not None \
-        else "; no checkpoint was written"
-    print(f"error: loss became non-finite (nan/inf) at step {bad_step} (epoch {epoch}); stopping{where}",
-          file=sys.stderr)
-    cleanup_ddp()
-    sys.exit(3)
+def atomic_write(path, write, mode="wb"):
+    """write(f) into path + '.tmp', then rename: a killed run never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", mode) as f:
+        write(f)
+    os.replace(path + ".tmp", path)
 
 
 def save_checkpoint(obj, path):
-    """torch.save to path + '.tmp', then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj, path):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
 
 
 def load_checkpoint(path, stage):
     """A checkpoint written by train_src.py (stage 'src') or train_flow.py (stage 'flow')."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected a {stage} checkpoint "
-                                f"({'train_src.py' if stage == 'src' else 'train_flow.py'} --out DIR writes DIR/checkpoint.pt)")
+        script = dict(src="train_src.py", flow="train_flow.py")[stage]
+        raise FileNotFoundError(f"{path}: no such file; expected a {stage} checkpoint ({script} --out DIR writes "
+                                f"DIR/checkpoint.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -346,49 +369,103 @@ def load_checkpoint(path, stage):
     return ckpt
 
 
-class JsonlLog:
-    """Appends one JSON object per line to <out>/log.jsonl (rank 0 only)."""
+def resume_checkpoint(args, ckpt_path, stage, kept):
+    """The checkpoint a --resume run continues (None without --resume), refused when one of the `kept`
+    arguments differs from the run being resumed; without --resume an existing checkpoint is refused."""
+    if not args.resume:
+        if os.path.exists(ckpt_path):
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        return None
+    ckpt = load_checkpoint(ckpt_path, stage)
+    changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in kept if ckpt["args"].get(k) != getattr(args, k)}
+    if changed:
+        raise UserError(f"--resume {ckpt_path}: these arguments differ from the run being resumed (was, now): "
+                        f"{changed}")
+    return ckpt
 
-    def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
 
-    def write(self, **record):
+class TrainLog:
+    """The loop bookkeeping of both training scripts. Per step, add(step, loss=..., ...) accumulates
+    the metrics on the device (no host sync) and remembers the first step whose loss was not finite;
+    at log steps, non_finite(...) and write(...) sync once, average over steps and ranks, and append
+    a record to <out>/log.jsonl (rank 0 only)."""
+
+    def __init__(self, keys, path, step, batch_size, device, enabled=True, derive=None):
+        self.keys, self.path, self.batch_size, self.enabled = list(keys), path, batch_size, enabled
+        self.derive = derive  # record -> dict of derived values (e.g. bits/dim from the loss)
+        self.sums = torch.zeros(len(self.keys) + 1, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.t, self.step = time.time(), step
+
+    def add(self, step, **values):
+        """Metrics of step `step` (0-dim tensors; missing keys count 0); the first one is the loss."""
+        loss = values[self.keys[0]].detach()
+        bad = ~torch.isfinite(loss) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step + 1), self.first_bad)
+        zero = torch.zeros((), device=self.sums.device)
+        self.sums += torch.stack([values.get(k, zero).detach().float() for k in self.keys] + [zero + 1])
+
+    def non_finite(self, epoch, ckpt_path, last_good):
+        """The one-line error for a run whose loss became non-finite on any rank, else None."""
+        step = int(all_reduce_(self.first_bad.clone(), op="max"))
+        if step < 0:
+            return None
+        where = f"last good checkpoint {ckpt_path} (step {last_good})" if last_good is not None \
+            else "no checkpoint was written"
+        return f"loss became non-finite (nan/inf) at step {step} (epoch {epoch}); stopping; {where}"
+
+    def write(self, step, **extra):
+        """Average the sums over steps and ranks, append a log.jsonl record, reset; returns the record."""
+        sums = all_reduce_(self.sums.clone())
+        dt, steps = time.time() - self.t, step - self.step
+        record = dict(step=step, **extra, **dict(zip(self.keys, (sums[:-1] / sums[-1]).tolist())),
+                      steps_per_s=steps / dt, images_per_s=steps * self.batch_size / dt)
+        record.update(self.derive(record) if self.derive else {})
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.sums.zero_()
+        self.t, self.step = time.time(), step
+        return record
 
 
-def save_grid(images, path, nrow=8, labels=None):
-    """Images (B,3,H,W) in [0,1] (clamped) -> one PNG grid, written atomically; `labels` (strings,
-    one per image) are printed in each tile's corner when given."""
-    from PIL import ImageDraw
+def save_grid(images, path, nrow=8, labels=None, title=None, min_tile=64):
+    """Images (B,3,H,W) in [0,1] (clamped) -> one PNG grid, written atomically. Small tiles are enlarged
+    (nearest) to `min_tile` pixels; `labels` (one string per image, or None) are printed in each tile's
+    corner and `title` above the grid."""
     images = images.detach().float().clamp(0, 1).cpu()
     b, _, h, w = images.shape
-    nrow = min(nrow, b)
-    rows = math.ceil(b / nrow)
-    grid = torch.ones(3, rows * (h + 2) + 2, nrow * (w + 2) + 2)
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    h, w, nrow, top = h * scale, w * scale, min(nrow, b), 16 if title else 0
+    grid = torch.ones(3, top + math.ceil(b / nrow) * (h + 2) + 2, nrow * (w + 2) + 2)
     for i in range(b):
         r, c = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = images[i]
+        grid[:, top + 2 + r * (h + 2):top + 2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = images[i]
     im = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
-    if labels is not None:
-        draw = ImageDraw.Draw(im)
-        for i, text in enumerate(labels):
-            r, c = divmod(i, nrow)
-            draw.text((4 + c * (w + 2), 3 + r * (h + 2)), str(text), fill=(255, 255, 255))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    im.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+    draw, font = ImageDraw.Draw(im), ImageFont.load_default()
+    if title:
+        draw.text((4, 2), title, fill=(0, 0, 0), font=font)
+    for i, text in enumerate(labels or []):
+        r, c = divmod(i, nrow)
+        if text:
+            xy = (4 + c * (w + 2), top + 3 + r * (h + 2))
+            draw.text(xy, str(text), fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+    atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 def add_run_arguments(p):
     """The run-control flags both training scripts share (data loading, seeding, resuming, logging)."""
-    p.add_argument("--num-workers", type=int, default=8, help="data-loader processes per rank")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # no more than this machine has
+    p.add_argument("--num-workers", type=int, default=workers, help="data-loader processes per rank")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and per-example noise")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt exactly")
-    p.add_argument("--max-steps", type=int, default=0, help="stop (with a checkpoint) at this global step; the schedule still follows --epochs (0: off)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop (with a checkpoint) at this global step; the schedule still follows --epochs (0: off)")
     p.add_argument("--log-every", type=int, default=100, help="steps between log.jsonl records")
-    p.add_argument("--skip-bad-images", action="store_true", help="check every image first and leave out unreadable ones (listed on stderr)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="check every image first and leave out unreadable ones (listed on stderr)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -401,67 +478,104 @@ def run_cli(main, args):
         line = lines[-1]
         if len(lines) > 1:  # raised in a DataLoader worker: the message is its traceback; keep the cause
             line = re.sub(r"^[\w.]*(Error|Exception): ", "", line)
-        from tqdm import tqdm
         tqdm.write(f"error: {line}", file=sys.stderr)  # on its own line even under a progress bar
         sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
-# Loading trained stages (used by train_flow.py and sample.py)
+# The frozen stage 1 and the trained stages (used by train_src.py, train_flow.py and sample.py)
 
-def build_rae(encoder_path, decoder_path, decoder_config, decoder_state, image_size, rae_stats):
-    """The frozen RAE of a stage-1 run: E from encoder_path, D from the checkpoint's own state
-    (when train_src.py trained it) or from decoder_path, statistics from rae_stats."""
-    from rae import RAE, RAEDecoder, load_dinov2, load_rae_decoder
-    if not os.path.exists(encoder_path):
-        raise FileNotFoundError(f"{encoder_path}: the DINOv2 encoder named by the stage-1 checkpoint is missing")
-    encoder = load_dinov2(encoder_path)
-    if decoder_state is not None:
-        decoder = RAEDecoder(**decoder_config)
-        decoder.load_state_dict(decoder_state)
-    else:
-        if not os.path.exists(decoder_path):
-            raise FileNotFoundError(f"{decoder_path}: the RAE decoder named by the stage-1 checkpoint is missing")
-        decoder = load_rae_decoder(decoder_path, num_heads=decoder_config.get("num_heads"))
-    rae = RAE(encoder, decoder, image_size=image_size)
-    rae.set_stats(rae_stats["mean"], rae_stats["var"])
-    return rae
+class Stage1(nn.Module):
+    """The compact pipeline of a stage-1 run, written once: E, the RAE statistics (eq. 1), a
+    compressor C and the compact statistics norm2 (eq. 5).
+
+        compact(z_raw) = norm2(C_enc(norm(z_raw)))                      (eq. 5)
+        encode(x, eps) = compact(E(x) + eps)                            (eq. 8; eps from encoder_noise)
+        decode(z_c)    = D(denorm(C_dec(denorm2(z_c))))  in [0, 1]      (eq. 10; not clamped)
+
+    With norm2 at its defaults (mean 0, std 1), forward(z_raw) = decode(compact(z_raw)) is the
+    reconstruction path of eq. 7 that train_src.py trains.
+    """
+
+    def __init__(self, rae, compressor, mean2=None, std2=None):
+        super().__init__()
+        self.rae, self.C = rae, compressor
+        d = compressor.d
+        self.register_buffer("mean2", torch.zeros(d) if mean2 is None else torch.as_tensor(mean2).float())
+        self.register_buffer("std2", torch.ones(d) if std2 is None else torch.as_tensor(std2).float())
+
+    def compact(self, z_raw):
+        return (self.C.encode(self.rae.normalize(z_raw)) - self.mean2) / self.std2
+
+    def encode(self, images, noise=None):
+        """Images in [0, 1] (B, 3, S, S) -> z_c (B, N, d); `noise` (B, N, n) is added to E(x)."""
+        z_raw = self.rae.encode_raw(images)
+        return self.compact(z_raw if noise is None else z_raw + noise.to(z_raw.dtype))
+
+    def decode(self, zc):
+        return self.rae.decode(self.C.decode((zc * self.std2 + self.mean2).to(zc.dtype)))
+
+    def forward(self, z_raw):
+        return self.decode(self.compact(z_raw))
 
 
-def norm2_of(stats):
-    """(mean, std) of eq. 5 from the stored {'mean', 'var'}: std = sqrt(var) (var floored at 1e-12)."""
-    return stats["mean"].float(), stats["var"].float().clamp_min(1e-12).sqrt()
+def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
+    """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), eval mode, no gradients.
 
-
-def load_stage1(path, device="cpu", ema=True):
-    """(rae, C, norm2) of a train_src.py checkpoint: RAE with statistics, the SRC (EMA weights by
-    default) and norm2 = (mean, std) of shape (d,) (eq. 5); eval mode, no gradients."""
-    from src import SRC
+    The checkpoint records what it was built from, and the same is rebuilt here or refused:
+    encoder = {kind, path, config}, decoder = {path, config, state, state_ema} (states when
+    train_src.py trained D), compressor = {kind, config, state, state_ema}, rae_stats and norm2
+    ({mean, var}). The encoder and a released decoder are read from their files, which may have
+    moved: `encoder` / `decoder` give their new paths (the scripts' --encoder / --decoder).
+    """
     ckpt = load_checkpoint(path, "src")
+    if "compressor" not in ckpt:
+        raise UserError(f"{path}: stage-1 checkpoint of an older layout (no 'compressor' record); rerun train_src.py")
     if ckpt.get("norm2") is None:
-        raise UserError(f"{path}: stage-1 run has no compact statistics yet (norm2 is written when "
-                        f"train_src.py finishes); finish or resume the run first")
-    dec_state = ckpt.get("decoder_ema" if ema else "decoder")
-    rae = build_rae(ckpt["encoder_path"], ckpt["decoder_path"], ckpt["decoder_config"], dec_state,
-                    ckpt["image_size"], ckpt["rae_stats"])
-    C = SRC(**ckpt["src_config"])
-    C.load_state_dict(ckpt["src_ema" if ema else "src"])
-    mean, std = norm2_of(ckpt["norm2"])
-    for m in (rae, C):
-        m.to(device).eval().requires_grad_(False)
-    return rae, C, (mean.to(device), std.to(device))
+        raise UserError(f"{path}: stage-1 run has no compact statistics norm2 yet (train_src.py writes them when "
+                        f"it stops); resume it with --resume --max-steps N to write them")
+    enc, dec, comp = ckpt["encoder"], ckpt["decoder"], ckpt["compressor"]
+    enc_path = encoder or enc["path"]
+    if not os.path.exists(enc_path):
+        raise FileNotFoundError(f"{enc_path}: the DINOv2 encoder named by {path} is missing; "
+                                f"pass --encoder PATH where it now lives")
+    E = load_dinov2(enc_path)
+    if E.config() != enc["config"]:
+        raise UserError(f"{enc_path}: DINOv2 {E.config()} differs from the encoder {path} was trained with "
+                        f"({enc['config']})")
+    if dec["state"] is not None:
+        D = RAEDecoder(**dec["config"])
+        D.load_state_dict(dec["state_ema" if ema else "state"])
+    else:
+        dec_path = decoder or dec["path"]
+        if not dec_path or not os.path.exists(dec_path):
+            raise FileNotFoundError(f"{dec_path}: the RAE decoder named by {path} is missing; "
+                                    f"pass --decoder PATH where it now lives")
+        D = load_rae_decoder(dec_path, num_heads=dec["config"].get("num_heads"))
+        if D.config() != dec["config"]:
+            raise UserError(f"{dec_path}: RAE decoder {D.config()} differs from the one {path} was trained with "
+                            f"({dec['config']})")
+    rae = RAE(E, D, image_size=ckpt["image_size"])
+    rae.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
+    if comp["kind"] not in COMPRESSORS:
+        raise UserError(f"{path}: compressor kind {comp['kind']!r} is not in src.COMPRESSORS "
+                        f"({', '.join(COMPRESSORS)}); a fork's compressor must be added there")
+    C = COMPRESSORS[comp["kind"]](**comp["config"])
+    C.load_state_dict(comp["state_ema" if ema else "state"])
+    norm2 = ckpt["norm2"]
+    stage1 = Stage1(rae, C, norm2["mean"], norm2["var"].float().clamp_min(1e-12).sqrt())
+    stage1.image_size, stage1.num_classes = int(ckpt["image_size"]), ckpt.get("num_classes")
+    return stage1.to(device).eval().requires_grad_(False)
 
 
 def load_flow(path, device="cpu", ema=True):
-    """(flow, cfg) of a train_flow.py checkpoint; cfg holds stage1, num_classes, noise_std,
-    image_size, flow_config and the run's args."""
-    from tarflow import TARFlow
+    """(flow, ckpt) of a train_flow.py checkpoint: the flow rebuilt from its stored kind and config()
+    (EMA weights by default), eval mode; ckpt is the checkpoint without its weight and optimizer states."""
     ckpt = load_checkpoint(path, "flow")
+    if ckpt.get("flow_kind") != TARFlow.__name__:
+        raise UserError(f"{path}: flow kind {ckpt.get('flow_kind')!r}; this code builds {TARFlow.__name__}")
     flow = TARFlow(**ckpt["flow_config"])
     flow.load_state_dict(ckpt["flow_ema" if ema else "flow"])
-    flow.to(device).eval().requires_grad_(False)
-    cfg = dict(ckpt["args"])
-    cfg.update(stage1=ckpt["stage1"], num_classes=ckpt["num_classes"], noise_std=ckpt["noise_std"],
-               image_size=ckpt["image_size"], flow_config=ckpt["flow_config"], step=ckpt["step"],
-               epoch=ckpt["epoch"])
-    return flow, cfg
+    for k in ("flow", "flow_ema", "optimizer", "rng"):
+        ckpt.pop(k, None)
+    return flow.to(device).eval().requires_grad_(False), ckpt

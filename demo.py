@@ -35,6 +35,10 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
+import fid
+import rae
+from common import save_grid
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
@@ -125,7 +129,6 @@ def make_dataset(root, per_class, seed):
 # 2. A random frozen encoder in the official DINOv2 layout.
 
 def write_random_dinov2(path, seed):
-    import rae
     torch.manual_seed(seed)
     encoder = rae.DINOv2(**ENCODER)
     torch.save(encoder.state_dict(), path)
@@ -164,7 +167,6 @@ def torchrun(script, args, log_path, nproc=2):
 def toy_inception(calibration_images, seed, batch_size=50):
     """fid.InceptionV3 with random weights from `seed`; every BatchNorm's running mean/var set to
     the exact average over `calibration_images` (train mode, momentum None), then eval mode."""
-    import fid
     torch.manual_seed(seed)
     model = fid.InceptionV3()
     for m in model.modules():
@@ -179,23 +181,9 @@ def toy_inception(calibration_images, seed, batch_size=50):
 
 
 def toy_fid(model, ref_images, gen_images):
-    import fid
     stats = [fid.statistics(fid.extract_features(model, fid.ArrayImages(a), batch_size=50, progress=False)[0])
              for a in (ref_images, gen_images)]
     return float(fid.frechet_distance(*stats[1], *stats[0]))
-
-
-@torch.no_grad()
-def reconstruct(stage1_ckpt, images, batch_size=60):
-    """SRC reconstructions without noise: D(denorm(C_dec(C_enc(norm(E(x)))))), eq. 7 with eps = 0."""
-    from common import load_stage1
-    from sample import to_uint8
-    rae, C, _ = load_stage1(stage1_ckpt)
-    out = []
-    for s in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[s:s + batch_size]).permute(0, 3, 1, 2).float() / 255
-        out.append(to_uint8(rae.decode(C.decode(C.encode(rae.encode(x)))).clamp(0, 1)))
-    return np.concatenate(out)
 
 
 def load_npz_images(path):
@@ -269,15 +257,22 @@ def main(args):
         nll = json.load(f)
     step("held-out NLL", t0)
 
-    # 7. toy FIDs against the held-out images
+    # 7. reconstructions (the rFID command) and toy FIDs against the held-out images
     t0 = time.time()
-    recon = reconstruct(stage1, heldout_images)
-    from sample import make_grid
-    order = np.argsort(heldout_labels, kind="stable")       # original, reconstruction side by side
-    pairs = np.stack([heldout_images, recon], 1)[order].reshape(-1, *recon.shape[1:])
+    rdir = os.path.join(out, "reconstructions")
+    torchrun("sample.py", ["--reconstruct", heldout_dir, "--stage1", stage1, "--out", rdir, "--batch-size", 30,
+                           "--no-progress"], os.path.join(out, "reconstruct.log"))
+    with np.load(os.path.join(rdir, "originals.npz")) as f:
+        assert (f["arr_0"] == heldout_images).all()         # same folder order as make_dataset
+    with np.load(os.path.join(rdir, "recon.npz")) as f:
+        recon = f["arr_0"]
+    first = np.concatenate([np.flatnonzero(heldout_labels == k)[:5] for k in range(len(CLASSES))])
+    pairs = torch.from_numpy(np.stack([heldout_images[first], recon[first]], 1).reshape(-1, *recon.shape[1:]))
     recon_grid = os.path.join(out, "reconstructions.png")
-    make_grid(pairs, np.repeat(heldout_labels[order], 2), CLASSES, rows=len(CLASSES), cols=10,
-              title="held-out images: original | reconstruction pairs").save(recon_grid)
+    save_grid(pairs.permute(0, 3, 1, 2) / 255, recon_grid, nrow=10,
+              labels=[CLASSES[heldout_labels[i]] if j % 5 == t == 0 else None
+                      for j, i in enumerate(first) for t in (0, 1)],
+              title="held-out images: original | reconstruction pairs")
     rng = np.random.default_rng(SEED)
     calib = np.concatenate([heldout_images, train_images[rng.choice(len(train_images), 60, replace=False)]])
     model = toy_inception(calib, SEED)

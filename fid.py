@@ -1,27 +1,25 @@
-"""Self-contained FID / Inception Score / precision / recall, the metrics of the paper's §4.
+"""Self-contained FID / sFID / Inception Score / precision / recall, the metrics of the paper's §4.
 
-gFID, IS, precision and recall are computed on 50k samples against the ADM ImageNet reference
-batch, and rFID on ImageNet val, all with the Inception-v3 graph TensorFlow released on
-2015-12-05 (the network of the original FID and IS code and of the ADM evaluator). This file
-rebuilds that graph by hand, as ported to PyTorch for FID, and reads its weights
-`pt_inception-2015-12-05-6726825d.pth` (torchvision key names).
+All come from TensorFlow's 2015-12-05 Inception-v3 graph as the ADM evaluator reads it (openai/guided-diffusion
+`evaluations/evaluator.py`, behind the paper's numbers), rebuilt here by hand with its PyTorch port's weights.
 
-    python fid.py REF GEN --weights pt_inception-2015-12-05-6726825d.pth
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz --weights W --json metrics.json
-    python fid.py --save-stats imagenet_val/ val_stats.npz --weights W   # encode a reference once
-    torchrun --nproc_per_node 8 fid.py REF GEN --weights W                # split across GPUs
+    python fid.py REF_DIR GEN_DIR --weights W --protocol pytorch-fid   # pytorch-fid's numbers
+    python fid.py --save-stats imagenet_val/ val_stats.npz --weights W  # encode a reference once
+    torchrun --nproc_per_node 8 fid.py REF GEN --weights W              # split across GPUs
 
-REF and GEN are each a folder of images (searched recursively), an `.npz` of uint8 NHWC images
-under `arr_0` (ADM reference batches, `sample.py` output) or an `.npz` of statistics `mu`/`sigma`.
-FID is always printed; IS needs GEN images, precision/recall need images on both sides.
+REF/GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` (`sample.py` output) and/or statistics
+`mu, sigma[, mu_s, sigma_s]`. ADM reference batches hold both: as in ADM's evaluator the (whole-training-set)
+statistics give FID and sFID, the images precision/recall only. Protocols: `adm` (default), the evaluator's:
+uint8 -> float 0..255 -> TF1 legacy ResizeBilinear to 299 -> (x - 128) / 128; `pytorch-fid`: x / 255 ->
+torch bilinear -> 2x - 1.
 
-Numerics follow the reference implementations: features in float32 (TF32 off on GPU), statistics
-and the Fréchet distance in float64 with scipy's sqrtm; IS from the softmax of the 1008 logits
-in splits of 5000 (10 splits for 50k); improved precision/recall (Kynkäänniemi et al. 2019) with
-k = 3 nearest-neighbour radii, from squared Euclidean distances computed in blocks.
-Two differences from ADM's TensorFlow evaluator, both as in pytorch-fid: images are resized by
-torch's bilinear interpolation and scaled by 2x - 1 (TF: (x - 128) / 128), and pairwise
-distances are float32 (ADM: float16 when finite).
+API (sample.py --cfg-sweep; under torchrun call it on every rank):
+    model = load_inception(path)
+    ref = load_features(source, model, protocol="adm", stats="stored", batch_size=50, device="cpu",
+                        num_workers=0, progress=True)     # a dict, reusable for several GEN sets
+    evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50, device="cpu",
+             num_workers=0, progress=True) -> {fid, sfid, inception_score, precision, recall, ...}
 """
 
 import argparse
@@ -46,16 +44,18 @@ from tqdm import tqdm
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
-INPUT_SIZE = 299        # the graph's input resolution
-NUM_CLASSES = 1008      # TF's ImageNet classifier: 1000 classes + 8 unused outputs
-IS_SPLIT_SIZE = 5000    # ADM: 50k samples -> 10 splits
-PR_K = 3                # nearest-neighbour size of the precision/recall manifolds
-PR_BLOCK = 10000        # rows/columns per distance block (10k x 10k float32 = 400 MB)
+PROTOCOLS = ("adm", "pytorch-fid")
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")   # an npz's statistics (ADM reference batches)
+INPUT_SIZE = 299            # the graph's input resolution
+NUM_CLASSES = 1008          # TF's ImageNet classifier: 1000 classes + 8 unused outputs
+POOL_DIM = 2048             # pool_3
+SPATIAL_DIM = 17 * 17 * 7   # sFID: mixed_6/conv's first 7 channels on the 17x17 grid
+IS_SPLIT_SIZE = 5000        # ADM: 50k samples -> 10 splits
+PR_K = 3                    # nearest-neighbour size of the precision/recall manifolds
+PR_BLOCK = 10000            # rows/columns per distance block (10k x 10k float32 = 400 MB)
 
 
-# ----------------------------------------------------------------------------------------------
-# The FID Inception-v3 (TF 2015-12-05 graph). Module names follow torchvision so the weights
-# load by name; the blocks differ from torchvision's where the TF graph does.
+# ---- The FID Inception-v3 (TF 2015-12-05 graph): torchvision's module names (the weights load by name), TF's blocks
 
 class BasicConv2d(nn.Module):
     """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU. `fold()` merges the BN into the conv."""
@@ -71,23 +71,23 @@ class BasicConv2d(nn.Module):
     @torch.no_grad()
     def fold(self):
         """Inference only: w' = w * g / sqrt(var + eps), b' = beta - mean * g / sqrt(var + eps)."""
-        if isinstance(self.bn, nn.Identity):
-            return
         c, bn = self.conv, self.bn
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        folded = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
-                           bias=True).to(c.weight.device)
+        folded = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding).to(c.weight.device)
         folded.weight.copy_((c.weight.double() * scale[:, None, None, None]).to(c.weight.dtype))
         folded.bias.copy_((bn.bias.double() - bn.running_mean.double() * scale).to(c.weight.dtype))
         self.conv, self.bn = folded, nn.Identity()
 
 
 def _pool3x3_same(x, kind):
-    """The 3x3 stride-1 'SAME' pool of the branch_pool paths. TF's average pool divides by the
-    number of real (non-padding) pixels, hence count_include_pad=False."""
-    if kind == "max":
-        return F.max_pool2d(x, 3, stride=1, padding=1)
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    """The branch_pool paths' 3x3 stride-1 'SAME' pool; TF's average counts only real (non-padding) pixels."""
+    return F.max_pool2d(x, 3, 1, 1) if kind == "max" else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def _chain(x, *convs):
+    for conv in convs:
+        x = conv(x)
+    return x
 
 
 class InceptionA(nn.Module):
@@ -104,11 +104,9 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(_pool3x3_same(x, "avg"))
-        return torch.cat([b1, b5, b3, bp], 1)
+        b5 = _chain(x, self.branch5x5_1, self.branch5x5_2)
+        b3 = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_pool3x3_same(x, "avg"))], 1)
 
 
 class InceptionB(nn.Module):
@@ -122,9 +120,8 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        b3 = self.branch3x3(x)
-        bd = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b3, bd, F.max_pool2d(x, 3, stride=2)], 1)
+        bd = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
+        return torch.cat([self.branch3x3(x), bd, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):
@@ -144,14 +141,10 @@ class InceptionC(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
-            bd = conv(bd)
-        bp = self.branch_pool(_pool3x3_same(x, "avg"))
-        return torch.cat([b1, b7, bd, bp], 1)
+        b7 = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
+        bd = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                    self.branch7x7dbl_5)
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_pool3x3_same(x, "avg"))], 1)
 
 
 class InceptionD(nn.Module):
@@ -167,11 +160,8 @@ class InceptionD(nn.Module):
         self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
 
     def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
-        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = conv(b7)
-        return torch.cat([b3, b7, F.max_pool2d(x, 3, stride=2)], 1)
+        b7 = _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)
+        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2), b7, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
@@ -192,21 +182,16 @@ class InceptionE(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
-        b1 = self.branch1x1(x)
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        bp = self.branch_pool(_pool3x3_same(x, self.pool))
-        return torch.cat([b1, b3, bd, bp], 1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
+                          self.branch_pool(_pool3x3_same(x, self.pool))], 1)
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3: images in [0, 1] -> (pool3 (B, 2048), logits (B, 1008)).
-
-    Built with random weights (conv He-normal, BN identity) so a toy run can calibrate the
-    BatchNorm statistics itself; `load_inception` reads the real weights.
-    """
+    """The FID Inception-v3. Random weights (conv He-normal, BN identity) let a toy run calibrate
+    the BatchNorm statistics itself; `load_inception` reads the real ones."""
 
     def __init__(self):
         super().__init__()
@@ -235,74 +220,99 @@ class InceptionV3(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, images):
-        """images (B, 3, H, W) in [0, 1] -> pool3 (B, 2048), logits (B, 1008).
+        """images (B, 3, H, W) in [0, 1] -> pool3, logits, with pytorch-fid's preprocessing."""
+        return self.features(_torch_resize(images))[:2]
 
-        The logits are pool3 @ fc.weight^T *without* fc.bias: TF's `softmax/logits/MatMul`,
-        which the original Inception Score code and the ADM evaluator read (torch-fidelity's
-        'logits_unbiased'). fc.bias is kept so the checkpoint round-trips.
-        """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"InceptionV3: expected images (B, 3, H, W), got "
-                             f"{tuple(images.shape)}")
-        x = images
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                              align_corners=False)
-        x = 2 * x - 1
+    def features(self, x):
+        """x (B, 3, 299, 299) from `preprocess` -> pool3 (B, 2048), logits (B, 1008), spatial (B, 2023).
+        logits = pool3 @ fc.weight^T without fc.bias: TF's `softmax/logits/MatMul` that the IS code and ADM's
+        evaluator read. spatial (sFID) = the evaluator's `mixed_6/conv`[..., :7] in H, W, C order: TF names the
+        blocks mixed, mixed_1, ..., mixed_10 in order, so mixed_3 is Mixed_6a (35 -> 17) and mixed_6 is Mixed_6d,
+        whose bare `conv` (not `tower*`) is its 1x1 branch after BN and ReLU: its output's first 192 channels."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"InceptionV3.features: expected (B, 3, 299, 299), got {tuple(x.shape)}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 149 -> 147
         x = F.max_pool2d(x, 3, stride=2)                                      # 73
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                        # 71
         x = F.max_pool2d(x, 3, stride=2)                                      # 35
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6a(x)                                                  # 17
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))                    # 8
-        pool = x.mean(dim=(2, 3))                    # pool_3: 8x8 VALID average pool
-        return pool, F.linear(pool, self.fc.weight)
-
-    def fold_batchnorm(self):
-        """Merge every BatchNorm into its conv (inference only; the state dict loses bn.*)."""
-        self.eval()
-        for m in self.modules():
-            if isinstance(m, BasicConv2d):
-                m.fold()
-        return self
+        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))   # 17
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))   # 8
+        pool = x.mean(dim=(2, 3))                                             # pool_3: 8x8 average
+        return pool, F.linear(pool, self.fc.weight), spatial
 
 
 def load_inception(path, fold=True):
-    """Read the FID Inception weights (torchvision key names) -> InceptionV3 in eval mode,
-    gradients off, BatchNorm folded into the convs unless fold=False."""
+    """FID Inception weights (torchvision key names) -> InceptionV3, eval mode, BatchNorm folded into the
+    convs unless fold=False. BatchNorm's `num_batches_tracked` are optional (unused; older files lack them)."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights {path} not found; download "
-                                f"pt_inception-2015-12-05-6726825d.pth from {FID_WEIGHTS_URL}")
+        raise FileNotFoundError(f"Inception weights {path} not found; download them from {FID_WEIGHTS_URL}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read as a torch checkpoint "
-                         f"({type(e).__name__})") from None
+        raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__})") from None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: expected a state dict of tensors (FID Inception weights)")
     model = InceptionV3()
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
         hint = " (torchvision's ImageNet Inception? use the FID weights)" if any(
             k.startswith("AuxLogits") for k in unexpected) else ""
         raise ValueError(f"{path}: not the FID Inception weights{hint}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} ({len(missing)}/{len(unexpected)} keys)")
-    for k, v in expected.items():
-        if sd[k].shape != v.shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected "
-                             f"{tuple(v.shape)} (FID Inception: 1008-way fc)")
-    model.load_state_dict(sd)
-    model.eval().requires_grad_(False)
-    return model.fold_batchnorm() if fold else model
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=False)      # every key but num_batches_tracked checked above
+    if fold:
+        for m in model.modules():
+            if isinstance(m, BasicConv2d):
+                m.fold()
+    return model.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics.
+# ---- Preprocessing: the two protocols ------------------------------------------------------------------------------
+
+def _torch_resize(x):
+    """pytorch-fid: [0, 1] -> torch bilinear (align_corners=False) to 299 -> [-1, 1]."""
+    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+def tf_bilinear_resize(images, size):
+    """TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False), the 2015 graph's first op:
+    output pixel i reads the input at s = i * in / out (float32, as TF) between floor(s) and floor(s) + 1
+    clamped to the border, no antialiasing. images (B, C, H, W) float, any range; size int or (h, w)."""
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"tf_bilinear_resize: expected float (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+
+    def taps(n_in, n_out):
+        s = torch.arange(n_out, dtype=torch.float32) * (torch.tensor(n_in, dtype=torch.float32) / n_out)
+        lo = s.floor().long()
+        return lo.to(images.device), (lo + 1).clamp(max=n_in - 1).to(images.device), (s - lo).to(images)
+    (y0, y1, fy), (x0, x1, fx) = taps(images.shape[2], out_h), taps(images.shape[3], out_w)
+    rows = images[..., x0] + (images[..., x1] - images[..., x0]) * fx        # TF: along x first, then along y
+    return rows[..., y0, :] + (rows[..., y1, :] - rows[..., y0, :]) * fy[:, None]
+
+
+def preprocess(images, protocol="adm"):
+    """Images (B, 3, H, W) valued 0..255 (uint8 or float) -> the graph's input (B, 3, 299, 299), as the
+    ADM evaluator feeds the TF graph (`adm`) or as pytorch-fid does (`pytorch-fid`)."""
+    x = images if images.is_floating_point() else images.float()
+    if protocol == "pytorch-fid":
+        return _torch_resize(x / 255)
+    if protocol != "adm":
+        raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
+    return (tf_bilinear_resize(x, INPUT_SIZE) - 128) / 128
+
+
+# ---- Metrics -------------------------------------------------------------------------------------------------------
 
 def statistics(features):
     """(N, D) features -> float64 mean (D,) and unbiased covariance (D, D)."""
@@ -313,14 +323,13 @@ def statistics(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64. The product's square root
-    is scipy's sqrtm; only when it is not finite (singular product) is eps added to both
-    diagonals; an imaginary residue larger than 1e-3 on the diagonal is an error."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 as the ADM evaluator: scipy's sqrtm, eps on
+    both diagonals only if the root is not finite, an imaginary diagonal residue over 1e-3 is an error.
+    Clamped at 0: for two identical inputs sqrtm's rounding can otherwise give a tiny negative number."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
     with warnings.catch_warnings():          # singular products are expected (ADM: disp=False)
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
@@ -329,20 +338,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary component "
-                             f"{np.abs(covmean.imag).max():.3g}")
+            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
     """exp(E_x KL(p(y|x) || p(y))) per consecutive split of `split_size` samples (the last may
     be shorter, as ADM), averaged over splits. p(y|x) = softmax of the 1008 logits."""
-    logits = torch.as_tensor(np.asarray(logits) if not torch.is_tensor(logits) else logits)
+    logits = torch.as_tensor(logits)
     if logits.ndim != 2 or len(logits) == 0:
-        raise ValueError(f"inception_score: need logits (N > 0, classes), got "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(f"inception_score: need logits (N > 0, classes), got {tuple(logits.shape)}")
     logp = torch.log_softmax(logits.double().cpu(), dim=1)
     scores = []
     for part in logp.split(split_size):
@@ -359,34 +366,22 @@ def _sq_dists(a, b):
 
 
 def _manifold_radii(x, k, block):
-    """Squared distance from each row of x to its k-th nearest other row (self is the 0-th)."""
-    radii = torch.empty(len(x), dtype=x.dtype, device=x.device)
-    for i in range(0, len(x), block):
-        best = None                                         # running k+1 smallest per row
-        for j in range(0, len(x), block):
-            d = _sq_dists(x[i:i + block], x[j:j + block])
-            if best is not None:
-                d = torch.cat([best, d], 1)
-            best = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-        radii[i:i + block] = best[:, k]
-    return radii
+    """Squared distance from each row of x to its k-th nearest other row (self is the 0-th), from a
+    (block, N) distance slab per row block as the ADM evaluator (10k x 50k float32 = 2 GB)."""
+    return torch.cat([_sq_dists(x[i:i + block], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), block)])
 
 
 def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=None):
-    """Improved precision/recall: the reference (generated) manifold is the union of balls
-    around each reference (generated) feature reaching its k-th nearest neighbour. precision =
-    share of generated features inside the reference manifold, recall = share of reference
-    features inside the generated one (distance <= radius). Blocks of `block` rows/columns."""
-    def as_tensor(f):
-        f = torch.as_tensor(np.asarray(f) if not torch.is_tensor(f) else f)
-        return f.to(device or f.device, torch.float32)
-    ref, gen = as_tensor(ref_features), as_tensor(gen_features)
+    """Improved precision/recall (Kynkäänniemi et al., as the ADM evaluator): a set's manifold is the union of
+    balls around its features reaching their k-th nearest neighbour. precision = share of generated features
+    inside the reference manifold, recall the converse (distance <= radius). Blocks of `block` rows/columns."""
+    ref, gen = (torch.as_tensor(f) for f in (ref_features, gen_features))
+    ref, gen = (f.to(device or f.device, torch.float32) for f in (ref, gen))
     if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
-        raise ValueError(f"precision_recall: need (N, D) features of equal D, got "
-                         f"{tuple(ref.shape)} and {tuple(gen.shape)}")
+        raise ValueError(f"precision_recall: need (N, D) features of equal D, got {tuple(ref.shape)}, "
+                         f"{tuple(gen.shape)}")
     if min(len(ref), len(gen)) <= k:
-        raise ValueError(f"precision_recall: need more than k={k} features per set, got "
-                         f"{len(ref)} and {len(gen)}")
+        raise ValueError(f"precision_recall: need more than k={k} features per set, got {len(ref)} and {len(gen)}")
     r_ref, r_gen = _manifold_radii(ref, k, block), _manifold_radii(gen, k, block)
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)   # recall
     gen_in = torch.zeros(len(gen), dtype=torch.bool, device=ref.device)   # precision
@@ -398,16 +393,13 @@ def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=
     return gen_in.double().mean().item(), ref_in.double().mean().item()
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs: a folder of images, an npz of uint8 NHWC images (`arr_0`), an npz of `mu`/`sigma`.
+# ---- Inputs: a folder of images, an npz of uint8 NHWC images (`arr_0`) and/or of statistics ------------------------
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under a folder (recursive, sorted), as uint8 (3, H, W) tensors. An unreadable file
-    comes back as an error string so the caller can stop with one line naming it."""
+    """Images under a folder (recursive, sorted) as uint8 (3, H, W); an unreadable one as a one-line error."""
 
     def __init__(self, root):
-        self.files = sorted(p for p in Path(root).rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise ValueError(f"{root}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
 
@@ -425,7 +417,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ArrayImages(torch.utils.data.Dataset):
-    """uint8 NHWC images from an array (memory-mapped for uncompressed npz)."""
+    """uint8 NHWC images from an array (memory-mapped for uncompressed npz, so extract_features reads
+    it in the main process: no decoding to spread over workers, no copy of the map to send them)."""
 
     def __init__(self, array):
         self.array = array
@@ -436,226 +429,195 @@ class ArrayImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
 
-    def __getstate__(self):
-        """Data-loader workers reopen a memory map instead of receiving a pickled copy."""
-        a = self.array
-        if isinstance(a, np.memmap):
-            return {"memmap": (a.filename, a.dtype, a.shape, a.offset)}
-        return {"array": a}
-
-    def __setstate__(self, state):
-        if "memmap" in state:
-            filename, dtype, shape, offset = state["memmap"]
-            state = {"array": np.memmap(filename, dtype=dtype, mode="r", shape=shape, offset=offset)}
-        self.array = state["array"]
-
 
 def _npz_member(path, name):
-    """The array `name` of an npz: memory-mapped when stored uncompressed (np.savez), so 50k
-    images need not fit in RAM; else loaded. None if the npz has no such member."""
+    """The array `name` of an npz (None if absent): memory-mapped when stored uncompressed (np.savez), so
+    50k images need not fit in RAM; else loaded."""
     with zipfile.ZipFile(path) as zf:
         if name + ".npy" not in zf.namelist():
             return None
         info = zf.getinfo(name + ".npy")
     if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(30)
-            if head[:4] == b"PK\x03\x04":
-                name_len, extra_len = struct.unpack("<HH", head[26:30])
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                if version in ((1, 0), (2, 0)):
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
-                    shape, fortran, dtype = read(f)
-                    if not dtype.hasobject and not fortran:
-                        return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell())
+        with open(path, "rb") as f:                   # skip the local header to the .npy bytes
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            if version in ((1, 0), (2, 0)):
+                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+                if not dtype.hasobject and not fortran:
+                    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell())
     with np.load(path) as data:
         return data[name]
 
 
 def open_source(path):
-    """REF/GEN -> ('images', Dataset) or ('stats', (mu, sigma)). An npz holding both images and
-    statistics (ADM reference batches) is read as images, so both sides share this network."""
+    """REF/GEN path -> (images, stats): a Dataset of uint8 (3, H, W) images or None, and the stored
+    statistics {mu, sigma[, mu_s, sigma_s]} in float64 or None (ADM reference batches hold both)."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
     if os.path.isdir(path):
-        return "images", ImageFiles(path)
+        return ImageFiles(path), None
     if not path.endswith(".npz"):
-        raise ValueError(f"{path}: expected a folder of images or an .npz "
-                         f"(arr_0 images or mu/sigma)")
+        raise ValueError(f"{path}: expected a folder of images or an .npz (arr_0 images and/or mu/sigma statistics)")
     try:
         with zipfile.ZipFile(path) as zf:
-            keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
         arr = _npz_member(path, "arr_0")
+        with np.load(path) as data:
+            stats = {k: data[k].astype(np.float64) for k in STAT_KEYS if k in keys}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read as npz ({type(e).__name__})") from None
-    if arr is not None:
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-            raise ValueError(f"{path}: arr_0 should be uint8 NHWC images with 3 channels, got "
-                             f"{arr.dtype} {arr.shape}")
-        return "images", ArrayImages(arr)
-    if "mu" in keys and "sigma" in keys:
-        with np.load(path) as data:
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise ValueError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D, D)")
-        return "stats", (mu, sigma)
-    raise ValueError(f"{path}: npz holds neither arr_0 (uint8 NHWC images) nor mu and sigma "
-                     f"(statistics); found {keys}")
+    if arr is not None and (arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0):
+        raise ValueError(f"{path}: arr_0 should be uint8 NHWC images with 3 channels, got {arr.dtype} {arr.shape}")
+    if (arr is None and not stats) or (stats and sorted(stats) not in (["mu", "sigma"], sorted(STAT_KEYS))):
+        raise ValueError(f"{path}: expected arr_0 (uint8 NHWC images) and/or statistics mu, sigma[, mu_s, "
+                         f"sigma_s]; found {keys}")
+    for m, s, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        if m in stats and (stats[m].shape != (d,) or stats[s].shape != (d, d)):
+            raise ValueError(f"{path}: {m} {stats[m].shape} / {s} {stats[s].shape}, expected ({d},) / ({d}, {d})")
+    return (None if arr is None else ArrayImages(arr)), (stats or None)
 
 
-def save_stats(path, mu, sigma):
-    """Write an npz with mu/sigma (read back by open_source), atomically."""
-    path = str(path)
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma)
-    os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Feature extraction, one process or split across torchrun ranks.
-
-def _dist():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# ---- Feature extraction (one process or split across torchrun ranks) and the evaluation ---------------------------
 
 def _collate(items):
-    """A list of uint8 images -> uint8 (B, 3, H, W). Mixed sizes are each resized to 299 with
-    the model's own interpolation, giving floats in [0, 1] (the model's 299 -> 299 resize is
-    then skipped), so features do not depend on how images are batched. An error string (an
-    unreadable file) is passed on to be raised as one line."""
-    for item in items:
-        if isinstance(item, str):
-            return item
-    if any(t.shape != items[0].shape for t in items):
-        items = [F.interpolate(t[None].float() / 255, size=(INPUT_SIZE, INPUT_SIZE),
-                               mode="bilinear", align_corners=False)[0] for t in items]
-    return torch.stack(items)
+    """uint8 (3, H, W) images -> [one batch], or one batch per image when sizes differ (features then do not
+    depend on batching). An error string (an unreadable file) is passed on."""
+    error = next((t for t in items if isinstance(t, str)), None)
+    return error or ([torch.stack(items)] if len({t.shape for t in items}) == 1 else [t[None] for t in items])
+
+
+def _gather(x, per, n):
+    """all_gather equal-size (zero-padded) slices and drop the padding -> (n, D) in dataset order."""
+    out = [x.new_empty(per, x.shape[1]) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.cat([x, x.new_zeros(per - len(x), x.shape[1])]))
+    return torch.cat(out)[:n]
 
 
 @torch.inference_mode()
-def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0, progress=True):
-    """Run the Inception over a dataset of uint8 images -> (pool (N, 2048), logits (N, 1008)),
-    float32 numpy in dataset order. Under torch.distributed each rank encodes a contiguous
-    slice and all ranks receive the gathered features."""
-    rank, world = _dist()
-    device = torch.device(device)
-    n = len(dataset)
+def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0, progress=True, protocol="adm"):
+    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023): float32 numpy in
+    dataset order. Under torch.distributed each rank encodes a slice and all receive the gathered features."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    device, n = torch.device(device), len(dataset)
     per = -(-n // world)
     part = torch.utils.data.Subset(dataset, range(min(n, rank * per), min(n, (rank + 1) * per)))
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    workers = 0 if isinstance(dataset, ArrayImages) else num_workers
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         pin_memory=device.type == "cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
-    pools, logits, error = [], [], ""
+    outs, error = [], ""
     for x in tqdm(loader, desc="inception", unit="batch", disable=not progress or rank != 0):
         if isinstance(x, str):
             error = x
             break
-        x = x.to(device, non_blocking=True).to(memory_format=torch.channels_last)
-        x = x.float() / 255 if x.dtype == torch.uint8 else x
-        p, l = model(x)
-        pools.append(p.float())
-        logits.append(l.float())
-    pool = torch.cat(pools) if pools else torch.zeros(0, 2048, device=device)
-    logit = torch.cat(logits) if logits else torch.zeros(0, NUM_CLASSES, device=device)
+        x = torch.cat([preprocess(t.to(device, non_blocking=True), protocol) for t in x])
+        outs.append([f.float() for f in model.features(x.contiguous(memory_format=torch.channels_last))])
+    feats = [torch.cat(f) for f in zip(*outs)] if outs else [
+        torch.zeros(0, d, device=device) for d in (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)]
     if world > 1:
         failed = torch.tensor([float(bool(error))], device=device)
         dist.all_reduce(failed)
         if failed.item():
             raise ValueError(error or "feature extraction failed on another rank")
-        pool, logit = _gather(pool, per, n), _gather(logit, per, n)
+        feats = [_gather(f, per, n) for f in feats]
     elif error:
         raise ValueError(error)
-    return pool.cpu().numpy(), logit.cpu().numpy()
+    return tuple(f.cpu().numpy() for f in feats)
 
 
-def _gather(x, per, n):
-    """all_gather equal-size (padded) slices and drop the padding -> (n, D) in dataset order."""
-    padded = torch.zeros(per, x.shape[1], device=x.device, dtype=x.dtype)
-    padded[:len(x)] = x
-    out = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, padded)
-    return torch.cat(out)[:n]
-
-
-def evaluate(ref, gen, model, batch_size=50, device="cpu", num_workers=0, progress=True):
-    """REF, GEN (paths, or what open_source returned for them) -> dict with fid, and
-    inception_score, precision, recall where they apply (IS: GEN images; P/R: images on both)."""
-    ref, gen = [open_source(s) if isinstance(s, (str, Path)) else s for s in (ref, gen)]
-
-    def encode(source):
-        kind, src = source
-        if kind == "stats":
-            return src, None
-        pool, logit = extract_features(model, src, batch_size, device, num_workers, progress)
-        return statistics(pool), (pool, logit)
-    ref_stats, ref_feats = encode(ref)
-    gen_stats, gen_feats = encode(gen)
-    out = {"fid": frechet_distance(*gen_stats, *ref_stats)}
-    if gen_feats is not None:
-        out["inception_score"] = inception_score(gen_feats[1])
-        out["num_gen"] = len(gen_feats[0])
-    if ref_feats is not None:
-        out["num_ref"] = len(ref_feats[0])
-    if ref_feats is not None and gen_feats is not None:
-        out["precision"], out["recall"] = precision_recall(ref_feats[0], gen_feats[0],
-                                                           device=device)
+def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50, device="cpu",
+                  num_workers=0, progress=True):
+    """REF/GEN path -> what `evaluate` needs of it, to extract once and reuse: a dict of protocol, stats
+    (mu, sigma), stats_s (mu_s, sigma_s) or None, pool and logits (N, D) or None. stats="stored" takes an
+    npz's stored statistics (ADM's evaluator: the images serve P/R only), "images" recomputes them."""
+    if stats not in ("stored", "images"):
+        raise ValueError(f"load_features: stats must be 'stored' or 'images', got {stats!r}")
+    images, stored = open_source(source)
+    if images is None and stats == "images":
+        raise ValueError(f"{source}: holds only statistics; recomputing them needs images (arr_0)")
+    out = dict(protocol=protocol, stats=None, stats_s=None, pool=None, logits=None)
+    if stored is not None and stats == "stored":
+        out["stats"] = stored["mu"], stored["sigma"]
+        out["stats_s"] = (stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored else None
+    if images is not None:
+        out["pool"], out["logits"], spatial = extract_features(model, images, batch_size, device, num_workers,
+                                                               progress, protocol)
+        if out["stats"] is None:
+            out["stats"], out["stats_s"] = statistics(out["pool"]), statistics(spatial)
     return out
 
 
-# ----------------------------------------------------------------------------------------------
+def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50, device="cpu",
+             num_workers=0, progress=True):
+    """REF, GEN (paths or `load_features` dicts) -> {fid, and where they apply sfid (spatial statistics on
+    both sides), inception_score (GEN images), precision, recall (images on both), num_ref, num_gen}."""
+    kw = dict(protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    ref = ref if isinstance(ref, dict) else load_features(ref, model, stats=ref_stats, **kw)
+    gen = gen if isinstance(gen, dict) else load_features(gen, model, **kw)
+    if ref["protocol"] != protocol or gen["protocol"] != protocol:
+        raise ValueError(f"REF/GEN features use protocol {ref['protocol']}/{gen['protocol']}, not {protocol}")
+    out = {"fid": frechet_distance(*gen["stats"], *ref["stats"])}
+    if ref["stats_s"] is not None and gen["stats_s"] is not None:
+        out["sfid"] = frechet_distance(*gen["stats_s"], *ref["stats_s"])
+    if gen["logits"] is not None:
+        out["inception_score"] = inception_score(gen["logits"])
+    if ref["pool"] is not None and gen["pool"] is not None:
+        out["precision"], out["recall"] = precision_recall(ref["pool"], gen["pool"], device=device)
+    out.update({f"num_{k}": len(f["pool"]) for k, f in (("ref", ref), ("gen", gen)) if f["pool"] is not None})
+    return out
+
+
+# ---- Command line --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID / IS / precision / recall (FID Inception-v3).")
-    p.add_argument("ref", help="reference: image folder, npz with arr_0, or npz with mu/sigma")
+    p = argparse.ArgumentParser(description="FID / sFID / IS / precision / recall (FID Inception-v3).")
+    p.add_argument("ref", help="reference: image folder, npz with arr_0 and/or mu, sigma[, mu_s, sigma_s]")
     p.add_argument("gen", help="generated: same kinds; with --save-stats, the output .npz")
     p.add_argument("--weights", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="preprocessing: ADM evaluator's (paper)")
+    p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
+                   help="REF npz with images and statistics: FID/sFID from the stored ones (ADM) or its images")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if available")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader workers (default: 0 on CPU, min(8, cpus) on GPU)")
-    p.add_argument("--save-stats", action="store_true",
-                   help="encode REF and write its mu/sigma to the path given as GEN")
+    p.add_argument("--save-stats", action="store_true", help="write REF's mu, sigma, mu_s, sigma_s to GEN")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-        torch.backends.cudnn.allow_tf32 = False       # float32 features, as the TF graph
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # float32, as TF
         torch.backends.cudnn.benchmark = True
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank = _dist()[0]
+    rank = dist.get_rank() if world > 1 else 0
     num_workers = args.num_workers
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     try:
         if args.batch_size < 1 or num_workers < 0:
             raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
-        ref = open_source(args.ref)                  # check the inputs before the weights
-        gen = None if args.save_stats else open_source(args.gen)
-        if args.save_stats and ref[0] == "stats":
-            raise ValueError(f"{args.ref}: already statistics; --save-stats needs images")
+        for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
+            open_source(source)                       # check the inputs before the weights
         model = load_inception(args.weights)
-        kw = dict(batch_size=args.batch_size, device=device, num_workers=num_workers,
+        kw = dict(protocol=args.protocol, batch_size=args.batch_size, device=device, num_workers=num_workers,
                   progress=not args.no_progress)
         if args.save_stats:
-            mu, sigma = statistics(extract_features(model, ref[1], **kw)[0])
+            feats = load_features(args.ref, model, stats="images", **kw)
             if rank == 0:
-                save_stats(args.gen, mu, sigma)
-                print(f"saved statistics of {len(ref[1])} images to {args.gen}")
+                with open(args.gen + ".tmp", "wb") as f:
+                    np.savez(f, **dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"]))))
+                os.replace(args.gen + ".tmp", args.gen)       # atomically, as the JSON below
+                print(f"saved statistics of {len(feats['pool'])} images to {args.gen}")
             return 0
-        metrics = evaluate(ref, gen, model, **kw)
+        metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -663,14 +625,13 @@ def main(argv=None):
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        names = [("fid", "FID"), ("inception_score", "IS"), ("precision", "Precision"),
+        names = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "Precision"),
                  ("recall", "Recall")]
-        for key, name in names:
-            if key in metrics:
-                print(f"{name}: {metrics[key]}")
+        print("\n".join(f"{name}: {metrics[key]}" for key, name in names if key in metrics))
         if args.json:
             with open(args.json + ".tmp", "w") as f:
-                json.dump(dict(metrics, ref=args.ref, gen=args.gen), f, indent=2)
+                json.dump(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol, ref_stats=args.ref_stats),
+                          f, indent=2)
             os.replace(args.json + ".tmp", args.json)
     return 0
 

@@ -2,13 +2,10 @@
 
     z_raw = E(x) in R^{N x n},    z = (z_raw - mu_rae) / sqrt(var_rae + 1e-5),    x^ = D(z_raw)
 
-E is DINOv2 (ViT-S/B/L, patch 14, optional register tokens and LayerScale) written out by hand so
-that the official facebookresearch checkpoints and the Hugging Face `Dinov2Model` /
-`Dinov2WithRegistersModel` snapshots load without other libraries. As in RAE, E returns the patch
-tokens after the final LayerNorm taken *without* its affine weight and bias; class and register
-tokens are dropped. D is RAE's MAE-style decoder (Hugging Face ViT-MAE layer naming), loaded from
-the RAE release `model.pt`; the latent statistics come from the release `stat.pt` or are computed
-channel-wise from images as the paper does.
+E (DINOv2) and D (RAE's MAE-style decoder, Hugging Face ViT-MAE layer names) are written out by hand so that
+the official DINOv2 checkpoints, the Hugging Face snapshots and the RAE release `model.pt` load without other
+libraries. The statistics are channel-wise values computed over images (the paper; common.channel_stats) or
+RAE's release `stat.pt` (per position, variance only).
 
 Where the weights live (nothing is downloaded here; pass local paths):
   DINOv2-B/14 + 4 registers  https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
@@ -20,6 +17,7 @@ Where the weights live (nothing is downloaded here; pass local paths):
 import json
 import math
 import os
+import re
 import struct
 import sys
 
@@ -39,6 +37,13 @@ RAE_DECODER_HEADS = {768: 12, 1024: 16, 1152: 16}  # RAE configs/decoder/ViT{B,L
 # -----------------------------------------------------------------------------
 # DINOv2 encoder E (official layout: facebookresearch/dinov2 dinov2/models/vision_transformer.py)
 
+def multihead_attention(q, k, v, num_heads):
+    """Softmax attention of (B, N, C) queries, keys and values split into num_heads heads of C / num_heads."""
+    B, N, C = q.shape
+    q, k, v = (t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (q, k, v stacked in that order)."""
 
@@ -51,21 +56,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(multihead_attention(*self.qkv(x).chunk(3, dim=-1), self.num_heads))
 
 
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
 class LayerScale(nn.Module):
@@ -108,8 +109,9 @@ class DINOv2(nn.Module):
     def __init__(self, embed_dim=768, depth=12, num_heads=12, patch_size=14, num_registers=4, pos_grid=37,
                  init_values=1.0, mlp_ratio=4.0):
         super().__init__()
-        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.patch_size, self.num_registers, self.pos_grid = patch_size, num_registers, pos_grid
+        self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
+        self.num_registers, self.pos_grid, self.init_values = num_registers, pos_grid, init_values
+        self.mlp_ratio = mlp_ratio
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -127,10 +129,15 @@ class DINOv2(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def config(self):
+        """The constructor arguments: a stage-1 checkpoint records them to refuse a different encoder file later."""
+        return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, patch_size=self.patch_size,
+                    num_registers=self.num_registers, pos_grid=self.pos_grid, init_values=self.init_values,
+                    mlp_ratio=self.mlp_ratio)
+
     def interpolate_pos_encoding(self, h0, w0):
         """(1, 1 + h0*w0, C) position embeddings for an h0 x w0 patch grid."""
-        pos = self.pos_embed.float()
-        M = self.pos_grid
+        pos, M = self.pos_embed.float(), self.pos_grid
         if h0 == M and w0 == M:  # upstream skips the resize when the grid already matches (and H == W)
             return pos
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
@@ -160,7 +167,7 @@ class DINOv2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Reading checkpoints: torch files and a small safetensors reader
+# Reading checkpoints (torch files, a small safetensors reader) and load_dinov2
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -174,11 +181,9 @@ def read_safetensors(path):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        n = struct.unpack("<Q", head)[0]
-        if n > size - 8:
-            raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, too short for its header)")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
@@ -186,13 +191,11 @@ def read_safetensors(path):
         data = f.read()
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
     tensors = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
+            dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: tensor {name!r} has an unsupported dtype or a malformed header entry") from None
@@ -200,44 +203,56 @@ def read_safetensors(path):
         if end - begin != nbytes or begin < 0:
             raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape {shape} needs {nbytes}")
         if end > len(data):
-            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end} of the data, "
-                             f"only {len(data)} present)")
-        buf = bytearray(data[begin:end])
-        t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            raise ValueError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {end} of {len(data)})")
+        t = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
         tensors[name] = t.reshape(shape)
     return tensors
+
+
+def _one_line(e, line):  # line 0 (first) or -1 (last) of an exception's message
+    return (str(e).strip().splitlines() or [type(e).__name__])[line].strip()[:160]
 
 
 def _torch_load(path, what):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors from truncated or foreign files
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint (truncated or corrupt?); expected {what} "
-                         f"({msg[:160]})") from None
-
-
-def _is_safetensors(path):
-    if path.endswith(".safetensors"):
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+                         f"({_one_line(e, 0)})") from None
 
 
 def _read_state_dict(path, what):
-    """A flat {name: tensor} dict from a torch file or a safetensors file."""
-    sd = read_safetensors(path) if _is_safetensors(path) else _torch_load(path, what)
+    """A flat {name: tensor} dict from a torch file or a safetensors file (by name or by its JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    safetensors = str(path).endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{")
+    sd = read_safetensors(path) if safetensors else _torch_load(path, what)
     if not isinstance(sd, dict) or not sd:
         raise ValueError(f"{path}: expected {what} (a dict of tensors), got {type(sd).__name__}")
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        found = ("a training checkpoint (model/ema entries): extract the weights first (RAE: src/extract_decoder.py)"
+                 if any(k in sd for k in ("model", "ema", "state_dict")) else "non-tensor entries")
+        raise ValueError(f"{path}: holds {found}; expected {what}")
     return sd
+
+
+def _load_weights(model, sd, path, what, expected):
+    """The frozen model with sd loaded; one-line errors for wrong shapes and for missing or unexpected keys."""
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: {what} tensors have unexpected shapes ({_one_line(e, -1)}); "
+                         f"expected {expected}") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: {what} keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                         f"expected {expected}")
+    return model.eval().requires_grad_(False)
 
 
 def _hf_snapshot_files(directory):
     """The weight file(s) of a Hugging Face snapshot directory."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    binary = os.path.join(directory, "pytorch_model.bin")
+    single, index, binary = (os.path.join(directory, f) for f in
+                             ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
@@ -250,39 +265,32 @@ def _hf_snapshot_files(directory):
                             f"Hugging Face {DINOV2_HF} snapshot")
 
 
-# -----------------------------------------------------------------------------
-# load_dinov2
-
 DINOV2_EXPECTED = (f"a DINOv2 ViT-S/B/L checkpoint (official {os.path.basename(DINOV2_URL)} from {DINOV2_URL}, "
                    f"or a Hugging Face {DINOV2_HF} snapshot)")
+HF_TOP = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+          "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+          "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm."}
+HF_LAYER = {"attention.output.dense.": "attn.proj.", "layer_scale1.lambda1": "ls1.gamma",
+            "layer_scale2.lambda1": "ls2.gamma"}  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
+HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
+
+
+def _rename(key, table):
+    return next((new + key[len(old):] for old, new in table.items() if key.startswith(old)), key)
 
 
 def _hf_to_official(sd):
     """Hugging Face Dinov2(WithRegisters)Model names -> official names; q, k, v fused into qkv."""
-    out = {}
-    rename = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
-              "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
-              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-              "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-              "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
-    layer = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj", "mlp.fc1": "mlp.fc1",
-             "mlp.fc2": "mlp.fc2", "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
-    qkv = {}
+    out, qkv = {}, {}
     for k, v in sd.items():
-        if k in rename:
-            out[rename[k]] = v
+        m = HF_QKV.fullmatch(k)
+        if m:
+            qkv.setdefault((m[1], m[3]), {})[m[2]] = v
         elif k.startswith("encoder.layer."):
             i, rest = k[len("encoder.layer."):].split(".", 1)
-            for proj in ("query", "key", "value"):
-                prefix = f"attention.attention.{proj}."
-                if rest.startswith(prefix):
-                    qkv.setdefault((i, rest[len(prefix):]), {})[proj] = v
-                    break
-            else:
-                name, leaf = rest.rsplit(".", 1) if rest.endswith((".weight", ".bias")) else (rest, None)
-                out[f"blocks.{i}.{layer.get(name, name)}" + (f".{leaf}" if leaf else "")] = v
+            out[f"blocks.{i}.{_rename(rest, HF_LAYER)}"] = v
         else:
-            out[k] = v  # left for the strict load to report
+            out[_rename(k, HF_TOP)] = v  # unknown keys are left for the strict load to report
     for (i, leaf), parts in qkv.items():
         if set(parts) == {"query", "key", "value"}:
             out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
@@ -308,27 +316,19 @@ def dinov2_from_state_dict(sd, path="state dict"):
     if any(k.startswith("blocks.") and len(k.split(".")) > 2 and k.split(".")[2].isdigit() for k in sd):
         raise ValueError(f"{path}: chunked blocks (blocks.C.N.*) are not supported; expected {DINOV2_EXPECTED}")
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    proj = sd["patch_embed.proj.weight"]
+    proj, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]
     if proj.dim() != 4 or proj.shape[1] != 3 or proj.shape[2] != proj.shape[3]:
         raise ValueError(f"{path}: patch_embed.proj.weight has shape {tuple(proj.shape)}, expected (C, 3, p, p)")
-    dim, patch = proj.shape[0], proj.shape[-1]
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    depth = max(blocks) + 1 if blocks else 0
-    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
-    if sd["pos_embed"].dim() != 3 or grid * grid + 1 != sd["pos_embed"].shape[1]:
-        raise ValueError(f"{path}: pos_embed has shape {tuple(sd['pos_embed'].shape)}, expected (1, 1 + M*M, C)")
-    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    fc1 = sd.get("blocks.0.mlp.fc1.weight")
-    mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
-    layerscale = "blocks.0.ls1.gamma" in sd
+    if pos.dim() != 3 or pos.shape[1] < 2 or math.isqrt(pos.shape[1] - 1) ** 2 + 1 != pos.shape[1]:
+        raise ValueError(f"{path}: pos_embed has shape {tuple(pos.shape)}, expected (1, 1 + M*M, C)")
+    dim, grid, fc1 = proj.shape[0], math.isqrt(pos.shape[1] - 1), sd.get("blocks.0.mlp.fc1.weight")
     sd.setdefault("mask_token", torch.zeros(1, dim))  # absent from some exports; never used in forward
-    model = DINOv2(embed_dim=dim, depth=depth, num_heads=max(1, dim // 64), patch_size=patch,
-                   num_registers=registers, pos_grid=grid, init_values=1.0 if layerscale else None, mlp_ratio=mlp_ratio)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: DINOv2 keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                         f"expected {DINOV2_EXPECTED}")
-    return model
+    model = DINOv2(embed_dim=dim, depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                   num_heads=max(1, dim // 64), patch_size=proj.shape[-1],
+                   num_registers=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0, pos_grid=grid,
+                   init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
+                   mlp_ratio=fc1.shape[0] / dim if fc1 is not None else 4.0)
+    return _load_weights(model, sd, path, "DINOv2", DINOV2_EXPECTED)
 
 
 def load_dinov2(path):
@@ -340,17 +340,11 @@ def load_dinov2(path):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f}: missing shard of the Hugging Face snapshot {path}")
             sd.update(_read_state_dict(f, DINOV2_EXPECTED))
-        where = path
     elif os.path.isfile(path):
-        sd, where = _read_state_dict(path, DINOV2_EXPECTED), path
+        sd = _read_state_dict(path, DINOV2_EXPECTED)
     else:
         raise FileNotFoundError(f"{path}: no such file or directory; expected {DINOV2_EXPECTED}")
-    try:
-        model = dinov2_from_state_dict(sd, where)
-    except RuntimeError as e:  # shape mismatches inside load_state_dict
-        raise ValueError(f"{where}: DINOv2 tensors have unexpected shapes ({str(e).splitlines()[-1].strip()[:160]})") \
-            from None
-    return model.eval().requires_grad_(False)
+    return dinov2_from_state_dict(sd, path)
 
 
 # -----------------------------------------------------------------------------
@@ -362,14 +356,9 @@ def sincos_pos_embed_2d(dim, grid):
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
-
-    def encode(pos):
-        out = pos.reshape(-1, 1) * omega
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+    token = torch.arange(grid * grid, dtype=torch.float64)  # row-major: token = row * grid + column
+    angles = [pos.reshape(-1, 1) * omega for pos in (token % grid, token // grid)]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
 
 class DecoderLayer(nn.Module):
@@ -389,11 +378,8 @@ class DecoderLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x):
-        B, N, C = x.shape
         h = self.layernorm_before(x)
-        qkv = self.attention.attention
-        q, k, v = (qkv[n](h).view(B, N, self.num_heads, -1).transpose(1, 2) for n in ("query", "key", "value"))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        a = multihead_attention(*(self.attention.attention[n](h) for n in ("query", "key", "value")), self.num_heads)
         x = x + self.attention.output.dense(a)
         return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
 
@@ -430,8 +416,7 @@ class RAEDecoder(nn.Module):
     def unpatchify(self, x):
         """(B, h*w, p*p*3) -> (B, 3, h*p, w*p) with the token vector laid out as (p_row, p_col, channel)."""
         B, p, g = x.shape[0], self.patch_size, self.grid
-        x = x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, 3, g * p, g * p)
+        return x.reshape(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)
 
     def forward(self, tokens):
         if tokens.dim() != 3 or tokens.shape[1:] != (self.num_patches, self.in_dim):
@@ -449,18 +434,17 @@ class RAEDecoder(nn.Module):
 RAE_DECODER_EXPECTED = f"an RAE decoder model.pt (a plain decoder state dict, `hf download {RAE_HF}`)"
 
 
-def load_rae_decoder(path, num_heads=None):
-    """D from the RAE release model.pt; sizes inferred from the tensors, heads from RAE's configs unless given."""
+def _existing_file(path, expected):
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected {RAE_DECODER_EXPECTED}")
+        raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+    return path
+
+
+def load_rae_decoder(path, num_heads=None):
+    """D from the RAE release model.pt; sizes inferred from the tensors, heads from RAE's configs unless given."""
+    path = _existing_file(path, RAE_DECODER_EXPECTED)
     sd = _read_state_dict(path, RAE_DECODER_EXPECTED)
-    keys = list(sd)
-    if any(k in sd for k in ("model", "ema", "state_dict")) and not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: a training checkpoint (model/ema entries), not a decoder state dict; extract the "
-                         f"decoder first (RAE src/extract_decoder.py); expected {RAE_DECODER_EXPECTED}")
-    if not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: holds non-tensor entries; expected {RAE_DECODER_EXPECTED}")
     if any(k in sd for k in ("pos_embed", "embeddings.position_embeddings", "patch_embed.proj.weight")):
         raise ValueError(f"{path}: this is a DINOv2 encoder checkpoint, not an RAE decoder; expected "
                          f"{RAE_DECODER_EXPECTED}")
@@ -468,37 +452,27 @@ def load_rae_decoder(path, num_heads=None):
                 "decoder_pred.weight", "decoder_layers.0.intermediate.dense.weight")
     absent = [k for k in required if k not in sd]
     if absent:
-        raise ValueError(f"{path}: missing {absent[:3]} (first keys: {keys[:3]}); expected {RAE_DECODER_EXPECTED}")
+        raise ValueError(f"{path}: missing {absent[:3]} (first keys: {list(sd)[:3]}); expected {RAE_DECODER_EXPECTED}")
     sd = {k: v.float() for k, v in sd.items()}
     hidden, in_dim = sd["decoder_embed.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers."))
-    mlp_dim = sd["decoder_layers.0.intermediate.dense.weight"].shape[0]
-    num_patches = sd["decoder_pos_embed"].shape[1] - 1
-    patch = math.isqrt(sd["decoder_pred.weight"].shape[0] // 3)
-    if 3 * patch * patch != sd["decoder_pred.weight"].shape[0]:
-        raise ValueError(f"{path}: decoder_pred predicts {sd['decoder_pred.weight'].shape[0]} values per token, "
-                         f"not 3 * p * p")
+    out = sd["decoder_pred.weight"].shape[0]
+    patch = math.isqrt(out // 3)  # the patch size is the decoder's own (RAE: decoder_patch_size), not the encoder's
+    if 3 * patch * patch != out:
+        raise ValueError(f"{path}: decoder_pred predicts {out} values per token, not 3 * p * p")
+    num_heads = num_heads or RAE_DECODER_HEADS.get(hidden)
     if num_heads is None:
-        if hidden not in RAE_DECODER_HEADS:
-            raise ValueError(f"{path}: decoder width {hidden} is none of RAE's ({sorted(RAE_DECODER_HEADS)}), so the "
-                             f"head count is unknown; pass num_heads")
-        num_heads = RAE_DECODER_HEADS[hidden]
-    decoder = RAEDecoder(in_dim=in_dim, hidden=hidden, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
-                         patch_size=patch, num_patches=num_patches)
-    try:
-        missing, unexpected = decoder.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: RAE decoder tensors have unexpected shapes "
-                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
-    if missing or unexpected:
-        raise ValueError(f"{path}: RAE decoder keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return decoder.eval().requires_grad_(False)
+        raise ValueError(f"{path}: decoder width {hidden} is none of RAE's ({sorted(RAE_DECODER_HEADS)}), so the head "
+                         f"count is unknown; pass num_heads")
+    decoder = RAEDecoder(in_dim=in_dim, hidden=hidden, num_heads=num_heads, patch_size=patch,
+                         depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_layers.")),
+                         mlp_dim=sd["decoder_layers.0.intermediate.dense.weight"].shape[0],
+                         num_patches=sd["decoder_pos_embed"].shape[1] - 1)
+    return _load_weights(decoder, sd, path, "RAE decoder", RAE_DECODER_EXPECTED)
 
 
 def save_rae_decoder(decoder, path):
     """Write D as RAE's model.pt (a plain float32 state dict), atomically."""
-    sd = {k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}
-    torch.save(sd, path + ".tmp")
+    torch.save({k: v.detach().float().cpu() for k, v in decoder.state_dict().items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
@@ -508,27 +482,25 @@ def save_rae_decoder(decoder, path):
 class RAE(nn.Module):
     """Frozen E and D with the statistics of eq. 1. Images travel in [0, 1], (B, 3, S, S), S = image_size.
 
-    `mean` / `var` are (n,) (channel-wise, as the paper) or (N, n) (per token, RAE's stat.pt); before any
-    statistics are set they are 0 and 1.
+    The token count and the pixel patch come from the decoder (16x16 tokens of 16 px for 256 px with RAE's
+    release); the encoder sees the same token grid at its own patch size. `mean` / `var` are (n,) (channel-wise,
+    as the paper) or (N, n) (per token, RAE's stat.pt); before any statistics are set they are 0 and 1.
     """
 
     def __init__(self, encoder, decoder, image_size=256):
         super().__init__()
         if image_size % decoder.patch_size:
-            raise ValueError(f"RAE: image_size {image_size} is not a multiple of the decoder patch "
-                             f"{decoder.patch_size}")
+            raise ValueError(f"RAE: image_size {image_size} is not a multiple of decoder patch {decoder.patch_size}")
         grid = image_size // decoder.patch_size
         if grid * grid != decoder.num_patches or decoder.in_dim != encoder.embed_dim:
             raise ValueError(f"RAE: decoder reads {decoder.num_patches} tokens of width {decoder.in_dim}, but "
                              f"image_size {image_size} and the encoder give {grid * grid} of width {encoder.embed_dim}")
         self.encoder, self.decoder = encoder.eval().requires_grad_(False), decoder.requires_grad_(False)
-        self.image_size = image_size
-        self.encoder_size = grid * encoder.patch_size  # 256 -> 224, 512 -> 448 (S * 14 / 16)
-        n = encoder.embed_dim
+        self.image_size, self.encoder_size = image_size, grid * encoder.patch_size  # 256 -> 224, 512 -> 448
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("mean", torch.zeros(n))
-        self.register_buffer("var", torch.ones(n))
+        self.register_buffer("mean", torch.zeros(encoder.embed_dim))
+        self.register_buffer("var", torch.ones(encoder.embed_dim))
 
     # ---- statistics
     def set_stats(self, mean, var):
@@ -543,42 +515,25 @@ class RAE(nn.Module):
         self.mean, self.var = mean.to(self.mean.device), var.to(self.var.device)
 
     def load_stats(self, path):
-        """RAE's stat.pt: {'mean', 'var'} shaped (C,), (C,1,1) or (C,H,W); (C,H,W) -> tokens (H*W, C), row-major."""
-        path = os.fspath(path)
-        expected = f"RAE latent statistics stat.pt with 'mean' and 'var' (`hf download {RAE_HF}`)"
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file; expected {expected}")
+        """RAE's stat.pt: 'var' and an optional 'mean', each (C,), (C, 1, 1) or per position (C, H, W), which maps
+        to tokens as (H*W, C) in row-major order. A missing or None mean is zero, as in RAE's own loader: the
+        release DINOv2-B file holds only var (768, 16, 16), so eq. 1 is then z_raw / sqrt(var + 1e-5)."""
+        expected = f"RAE latent statistics stat.pt with 'var' (and optionally 'mean') (`hf download {RAE_HF}`)"
+        path = _existing_file(path, expected)
         stats = _torch_load(path, expected)
-        if not isinstance(stats, dict) or not all(torch.is_tensor(stats.get(k)) for k in ("mean", "var")):
+        ok = isinstance(stats, dict) and torch.is_tensor(stats.get("var"))
+        if not ok or not (stats.get("mean") is None or torch.is_tensor(stats["mean"])):
             raise ValueError(f"{path}: expected {expected}")
-        n, N = self.encoder.embed_dim, self.decoder.num_patches
-        out = []
-        for name in ("mean", "var"):
+        n, N, g = self.encoder.embed_dim, self.decoder.num_patches, self.decoder.grid
+        out = {}
+        for name in [k for k in ("mean", "var") if stats.get(k) is not None]:
             t = stats[name].float()
-            if t.dim() == 3 and t.shape[1:] == (1, 1):
-                t = t.reshape(-1)
-            elif t.dim() == 3:
-                t = t.reshape(t.shape[0], -1).t()
+            t = t.flatten(1).t().squeeze(0) if t.dim() == 3 else t  # (C, H, W) -> (H*W, C); (C, 1, 1) -> (C,)
             if tuple(t.shape) not in ((n,), (N, n)):
                 raise ValueError(f"{path}: {name} has shape {tuple(stats[name].shape)}; this encoder/decoder needs "
-                                 f"({n},), ({n}, 1, 1) or ({n}, {self.decoder.grid}, {self.decoder.grid})")
-            out.append(t.contiguous())
-        self.set_stats(*out)
-
-    @torch.no_grad()
-    def compute_stats(self, batches):
-        """Channel-wise mean and population variance of E(x) over all tokens of all batches of images in [0, 1]."""
-        acc = None
-        for images in batches:
-            t = self.encode_raw(images.to(self.mean.device)).double().reshape(-1, self.encoder.embed_dim)
-            part = torch.stack([t.sum(0), t.pow(2).sum(0), torch.full_like(t[0], t.shape[0])])
-            acc = part if acc is None else acc + part
-        if acc is None:
-            raise ValueError("RAE.compute_stats: no batches")
-        mean = acc[0] / acc[2]
-        var = (acc[1] / acc[2] - mean.pow(2)).clamp_min(0)
-        self.set_stats(mean, var)
-        return self.mean, self.var
+                                 f"({n},), ({n}, 1, 1) or ({n}, {g}, {g})")
+            out[name] = t.contiguous()
+        self.set_stats(out.get("mean", torch.zeros_like(out["var"])), out["var"])
 
     # ---- encoder side
     def encode_raw(self, images):
@@ -599,23 +554,14 @@ class RAE(nn.Module):
         self._check_tokens(z)
         return z * torch.sqrt(self.var + STATS_EPS) + self.mean
 
-    def encode(self, images, noise_std=0.0, per_example=False):
-        """z = norm(E(x) + eps): constant eps ~ N(0, noise_std^2) (eq. 6), or per-example std ~ U(0, noise_std)
-        (eq. 7, RAE's decoder protocol)."""
-        z = self.encode_raw(images)
-        if noise_std > 0:
-            sigma = noise_std * torch.rand(len(z), 1, 1, device=z.device, dtype=z.dtype) if per_example else noise_std
-            z = z + sigma * torch.randn_like(z)
-        return self.normalize(z)
+    def encode(self, images):
+        """z = norm(E(x)). The noise of eq. 7/8 goes on E(x) before normalize, drawn by the training scripts."""
+        return self.normalize(self.encode_raw(images))
 
     # ---- decoder side
     def decode(self, z):
         """x^ = D(denorm(z)) mapped back from ImageNet normalization to [0, 1] (not clamped)."""
-        x = self.decoder(self.denormalize(z))
-        return x * self.pixel_std + self.pixel_mean
-
-    def forward(self, images):
-        return self.decode(self.encode(images))
+        return self.decoder(self.denormalize(z)) * self.pixel_std + self.pixel_mean
 
     def _check_tokens(self, z):
         N, n = self.decoder.num_patches, self.encoder.embed_dim

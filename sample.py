@@ -1,43 +1,52 @@
-"""Sample images from a trained SRC-Flow (eq. 10) and measure its exact likelihood (eq. 2, 9).
+"""Sample images from a trained SRC-Flow (eq. 10), measure its exact likelihood (eq. 2, 9) and its
+stage-1 reconstructions (rFID).
 
 Generation (paper §3.4, eq. 10):
 
-    u ~ N(0, I)  ->  z_c = f^-1(u; y, w)  ->  denorm2  ->  C_dec  ->  RAE decode (denorm, D)
+    z ~ N(0, I)  ->  z_c = f^-1(z; y, w)  ->  denorm2  ->  C_dec  ->  RAE decode (denorm, D)
       ->  clamp to [0, 1]  ->  uint8
 
-with classifier-free guidance of scale w by STARFlow's guided-Gaussian rule (done inside
-TARFlow.reverse). Sample i always uses the prior noise of a generator seeded by (seed, i) and
-the label plan[i] of a plan fixed by (seed, num, classes), so the images do not depend on the
-number of ranks or on the batch size.
+with classifier-free guidance of scale w by STARFlow's guided-Gaussian rule inside TARFlow.reverse,
+in every block (--guide-blocks all, the default) or in the deep block only (deep), and optionally
+SimFlow's score step after guidance (--score-step GAMMA, SimFlow eq. 6; 0, the paper's setting, is
+off). Sample i always uses the prior noise of a generator seeded by (seed, i) and the label plan[i]
+of a plan fixed by (seed, num, classes), so the images do not depend on the number of ranks or on
+the batch size. Non-finite samples stop the run with one line naming them.
 
     python sample.py --ckpt runs/flow/checkpoint.pt --out samples/w0 --num-samples 64
     torchrun --nproc_per_node=8 sample.py --ckpt runs/flow/checkpoint.pt --out samples/w2 \\
-        --num-samples 50000 --cfg 2.0                  # 50 per class, ADM-style samples.npz for fid.py
+        --num-samples 50000 --cfg 2.0 --no-png          # 50 per class, ADM-style samples.npz for fid.py
     python fid.py VIRTUAL_imagenet256_labeled.npz samples/w2/samples.npz --weights pt_inception.pth
 
-Outputs in --out: images/000000.png ... (named by global index), samples.npz (`arr_0` uint8
-NHWC, `arr_1` int64 labels, as the ADM evaluator and fid.py read it), grid.png (rows = classes,
-labelled) and info.json.
+Outputs in --out: images/000000.png ... (named by global index), samples.npz (`arr_0` uint8 NHWC,
+`arr_1` int64 labels, as the ADM evaluator and fid.py read it), grid.png (rows = classes, labelled)
+and info.json.
 
-Exact likelihood (--nll DIR): the flow gives log p(z_c | y) exactly (eq. 2); over a folder of
-images (class subfolders as in training, or --nll-uncond for the null label) it reports the
-negative log-likelihood of the compact features in bits per dimension of the compact space,
+Guidance sweep (--cfg-sweep 0,1,2,3 --ref REF --fid-weights FILE, optionally --guide-blocks all,deep
+and --score-step 0,0.25): samples --num-samples images per setting into --out/cfg-<w>[-deep][-score<g>]/
+and scores each with fid.evaluate (FID, sFID, IS, precision, recall), written to --out/sweep.json.
+
+Exact likelihood (--nll DIR): the flow gives log p(z_c | y) exactly (eq. 2); over a folder of images
+(class subfolders as in training, or --nll-uncond for the null label) it reports the negative
+log-likelihood of the compact features in bits per dimension of the compact space,
 -log p(z_c | y) / (N * d * ln 2), Gaussian constant included, mean and standard error over images:
-  - "noisy": z_c built as in training, eq. 8, with eps ~ N(0, sigma_flow^2) on the raw encoder
-    output; per image the NLL is averaged over --nll-draws noise draws (a Monte-Carlo estimate
-    of E_eps[-log p(z_c)], the flow's training objective on held-out data).
+  - "noisy": z_c built as in training, eq. 8, with the flow's training noise on the raw encoder
+    output; per image the NLL is averaged over --nll-draws noise draws (a Monte-Carlo estimate of
+    E_eps[-log p(z_c)], the flow's training objective on held-out data).
   - "clean": z_c from the noise-free encoding (eps = 0), a point the flow never saw exactly.
-These are densities of continuous features (differential entropies), so they can be negative
-and are not comparable with pixel-space bits/dim.
+These are densities of continuous features (differential entropies), so they can be negative and
+are not comparable with pixel-space bits/dim.
 
     torchrun --nproc_per_node=8 sample.py --ckpt runs/flow/checkpoint.pt --nll /data/imagenet/val
 
-Guidance sweep (--cfg-sweep 0,1,2,3 --ref REF --fid-weights FILE): samples --num-samples images per w
-into --out/cfg-<w>/ and prints FID (and IS, precision, recall) per w, written to --out/sweep.json.
+Reconstructions for rFID (--reconstruct DIR --stage1 CKPT --out OUT): every image of DIR (ADM centre
+crop) and its reconstruction D(denorm(C_dec(C_enc(norm(E(x) + eps))))) go to OUT/originals.npz and
+OUT/recon.npz; `python fid.py OUT/originals.npz OUT/recon.npz --weights ...` is the rFID (paper: SRC
+0.62, RAE 0.57 on ImageNet val). --recon-rae reconstructs through the RAE alone, D(E(x) + eps) (the
+baseline); --recon-noise SIGMA adds eps ~ N(0, SIGMA^2) to E(x) (the paper's robustness curve).
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -45,35 +54,28 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from common import (IMAGE_EXTENSIONS, UserError, center_crop_arr, cleanup_ddp, load_flow, load_stage1,
-                    run_cli, setup_ddp)
+import common
+import fid
+from common import UserError
 
 
 # -----------------------------------------------------------------------------
-# The sampling plan: labels and prior noise, fixed per global sample index.
-
-def sample_seed(seed, *index):
-    """A 63-bit generator seed for (global seed, sample index, ...), well mixed by SeedSequence."""
-    return int(np.random.SeedSequence([seed, *index]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def per_index_randn(shape, seed, indices, *stream):
-    """One standard-normal tensor of `shape` per global index i, from a generator seeded by
-    (seed, i, *stream), drawn on the CPU in float32: (len(indices), *shape)."""
-    out = torch.empty(len(indices), *shape)
-    g = torch.Generator()
-    for row, i in enumerate(indices):
-        g.manual_seed(sample_seed(seed, int(i), *stream))
-        out[row] = torch.randn(shape, generator=g)
-    return out
-
+# The sampling plan: labels and noise, fixed per global sample index.
 
 def prior_noise(seed, indices, shape):
-    """u_i ~ N(0, I) of `shape` (N, d) for each global sample index i."""
-    return per_index_randn(shape, seed, indices)
+    """z_i ~ N(0, I) of `shape` (N, d) for each global sample index i, from a generator seeded by (seed, i)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(common.seed_of(seed, i)))
+                        for i in indices]) if len(indices) else torch.empty(0, *shape)
+
+
+def encoder_noise_of(seed, indices, shape, sigma, per_example, *stream):
+    """eps of eq. 8 for each global image index i (common.encoder_noise with a generator seeded by (seed, i,
+    *stream)), so the NLL and the reconstructions do not depend on ranks or batch sizes."""
+    return torch.cat([common.encoder_noise(torch.Generator().manual_seed(common.seed_of(seed, i, *stream)), 1, shape,
+                                           0, 1, "cpu", sigma, per_example) for i in indices])
 
 
 def parse_classes(text, num_classes):
@@ -111,393 +113,329 @@ def class_plan(num, num_classes, classes="even", seed=0):
     return np.asarray(classes, dtype=np.int64)[np.arange(num) % len(classes)]
 
 
+def grid_order(labels, rows, cols):
+    """Indices for grid.png: one row per class (the first `rows` classes in plan order), its first `cols`
+    samples; -1 pads a row with fewer samples."""
+    order = list(dict.fromkeys(labels.tolist()))[:rows]
+    return [[*np.flatnonzero(labels == c)[:cols].tolist(), *[-1] * cols][:cols] for c in order]
+
+
 # -----------------------------------------------------------------------------
-# The pipeline: frozen RAE (E, D), SRC (C_enc, C_dec), compact normalisation (norm2) and flow.
+# Generation
 
-class Pipeline:
-    """Everything eq. 8 and eq. 10 need, loaded from a stage-2 checkpoint and its stage-1 checkpoint."""
+def load_models(args, device):
+    """(flow, its checkpoint record, Stage1) of --ckpt, with --stage1 / --encoder / --decoder overrides."""
+    flow, ckpt = common.load_flow(args.ckpt, device=device, ema=not args.no_ema)
+    stage1 = args.stage1 or ckpt["stage1"]
+    if not os.path.isfile(stage1):
+        raise FileNotFoundError(f"{stage1}: the stage-1 checkpoint named by {args.ckpt} is missing; pass --stage1 PATH")
+    stage1 = common.load_stage1(stage1, device, ema=not args.no_ema, encoder=args.encoder, decoder=args.decoder)
+    if flow.in_channels != stage1.C.d:
+        raise UserError(f"{args.ckpt}: the flow models d={flow.in_channels} channels, the stage 1 gives {stage1.C.d}")
+    return flow, ckpt, stage1
 
-    def __init__(self, flow_ckpt, stage1=None, device="cpu", ema=True):
-        if not os.path.isfile(flow_ckpt):
-            raise FileNotFoundError(f"--ckpt {flow_ckpt}: no such file; expected a stage-2 checkpoint from train_flow.py")
-        self.flow, self.cfg = load_flow(flow_ckpt, device=device, ema=ema)
-        stage1 = stage1 or self.cfg["stage1"]
-        if not os.path.isfile(stage1):
-            raise FileNotFoundError(f"{stage1}: stage-1 checkpoint named by {flow_ckpt} not found; "
-                                    f"pass --stage1 PATH")
-        self.rae, self.C, (mean2, std2) = load_stage1(stage1, device=device, ema=ema)
-        self.mean2, self.std2 = mean2, std2
-        self.stage1 = stage1
-        self.num_classes = int(self.cfg["num_classes"])
-        self.noise_std = float(self.cfg["noise_std"])
-        self.image_size = int(self.cfg["image_size"])
-        fc = self.cfg.get("flow_config") or {}
-        self.num_tokens = int(fc.get("num_tokens", getattr(self.flow, "num_tokens", 0)))
-        self.d = int(fc.get("in_channels", getattr(self.flow, "in_channels", 0)))
-        if not self.num_tokens or not self.d:
-            raise ValueError(f"{flow_ckpt}: cannot tell the flow's token shape (num_tokens, in_channels)")
-        if self.d != self.C.d:
-            raise ValueError(f"{flow_ckpt}: flow models d={self.d} channels but the SRC in {stage1} has d={self.C.d}")
 
-    def to(self, dtype):
-        for m in (self.flow, self.rae, self.C):
-            m.to(dtype)
-        self.mean2, self.std2 = self.mean2.to(dtype), self.std2.to(dtype)
-        return self
-
-    def labels(self, y):
-        """Class labels for the flow: None for an unconditional model."""
-        return None if self.num_classes == 0 else y
-
-    @torch.no_grad()
-    def generate(self, u, y, guidance=0.0):
-        """Eq. 10: prior noise u (B, N, d) -> images in [0, 1] (B, 3, S, S), clamped."""
-        zc = self.flow.reverse(u, self.labels(y), guidance=guidance)
-        z = self.C.decode(zc * self.std2 + self.mean2)           # denorm2, C_dec
-        return self.rae.decode(z).float().clamp(0, 1)            # denorm, D
-
-    @torch.no_grad()
-    def compact(self, z_raw):
-        """Eq. 8 from the raw encoder output: E(x) + eps (B, N, n) -> z_c = norm2(C_enc(norm(.))) (B, N, d)."""
-        return (self.C.encode(self.rae.normalize(z_raw)) - self.mean2) / self.std2
-
-    @torch.no_grad()
-    def nll_bpd(self, zc, y):
-        """-log p(z_c | y) / (N d ln 2) per example (eq. 2), from the flow's exact log-density."""
-        return -self.flow.log_prob(zc, self.labels(y)).double() / (zc.shape[1] * zc.shape[2] * math.log(2))
+@torch.no_grad()
+def generate(flow, stage1, z, y, guidance=0.0, guide_blocks="all", score_step=0.0):
+    """Eq. 10: prior noise z (B, N, d) -> images in [0, 1] (B, 3, S, S), not clamped."""
+    y = y if flow.num_classes else None
+    x = flow.reverse(z, y, guidance=guidance, guide_blocks=guide_blocks)
+    if score_step:
+        x = flow.score_step(x, y, score_step)                     # SimFlow eq. 6
+    return stage1.decode(x).float()
 
 
 def to_uint8(images):
     """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8, rounded to nearest."""
-    x = (images.float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return (images.float().clamp(0, 1) * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# -----------------------------------------------------------------------------
-# Output files, all written atomically (path.tmp, then os.replace).
-
-def save_png(image, path):
-    """A uint8 HWC array or a PIL image -> PNG file."""
-    with open(path + ".tmp", "wb") as f:
-        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(f, format="PNG")
-    os.replace(path + ".tmp", path)
-
-
-def save_npz(path, **arrays):
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
-
-
-def save_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
-def read_class_names(path):
-    if not os.path.isfile(path):
-        raise UserError(f"--class-names {path}: no such file (expected one class name per line)")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def make_grid(images, labels, class_names=None, rows=8, cols=8, title=None, min_tile=64):
-    """A PIL grid: one row per class (first `rows` classes in plan order), its first `cols`
-    samples, the class index (and name) written left of each row, an optional title on top."""
-    order = []
-    for c in labels.tolist():
-        if c not in order:
-            order.append(c)
-    order = order[:rows]
-    H, W = images.shape[1:3]
-    scale = max(1, math.ceil(min_tile / max(H, W)))             # small toy images: enlarge (nearest)
-    th, tw, pad = H * scale, W * scale, 2
-    font = ImageFont.load_default()
-    names = [("-" if c < 0 else str(c)) + (f" {class_names[c]}" if class_names and 0 <= c < len(class_names) else "")
-             for c in order]
-    label_w = 8 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in names)
-    top = 16 if title else 0
-    grid = Image.new("RGB", (label_w + cols * (tw + pad) + pad, top + len(order) * (th + pad) + pad), "white")
-    draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 2), title, fill="black", font=font)
-    for r, c in enumerate(order):
-        y0 = top + pad + r * (th + pad)
-        draw.text((4, y0 + th // 2 - 6), names[r], fill="black", font=font)
-        for k, i in enumerate(np.flatnonzero(labels == c)[:cols]):
-            tile = Image.fromarray(images[i]).resize((tw, th), Image.NEAREST)
-            grid.paste(tile, (label_w + pad + k * (tw + pad), y0))
-    return grid
-
-
-# -----------------------------------------------------------------------------
-# Distributed helpers (set-up is common.setup_ddp): each rank takes the global indices r::world.
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def gather_objects(obj, world):
-    """All ranks' `obj` in rank order (every rank gets the list)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+def check_finite(images, idx, what):
+    """Stop with one line when samples are nan/inf (ADM's evaluator would fail on them much later)."""
+    bad = ~torch.isfinite(images.flatten(1)).all(1).cpu()
+    if bad.any():
+        raise UserError(f"{int(bad.sum())} {what} not finite (nan/inf), indices {idx[bad.numpy()].tolist()[:20]}; "
+                        f"stopped before writing them")
 
 
 def autocast_for(device, precision):
     """bf16 autocast on GPU by default ('auto'); float32 or float64 weights otherwise."""
     dev_type = torch.device(device).type
-    if precision == "bf16" or (precision == "auto" and dev_type == "cuda"):
-        return torch.autocast(dev_type, dtype=torch.bfloat16)
-    return torch.autocast(dev_type, enabled=False)
+    return torch.autocast(dev_type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16" or (precision == "auto" and dev_type == "cuda"))
+
+
+def gather_rows(rows, num, rank, world, out):
+    """Rank 0 gets the (num, ...) array whose rows r::world are rank r's `rows` (a shard file per rank)."""
+    if world == 1:
+        return rows
+    shard = os.path.join(out, f".shard{rank}.npy")
+    common.atomic_write(shard, lambda f: np.save(f, rows))
+    dist.barrier()
+    full = None
+    if rank == 0:
+        for r in range(world):
+            part = np.load(os.path.join(out, f".shard{r}.npy"))
+            full = np.empty((num,) + part.shape[1:], part.dtype) if full is None else full
+            full[r::world] = part
+    dist.barrier()
+    os.remove(shard)
+    return full
 
 
 # -----------------------------------------------------------------------------
-# Modes: sample, NLL, guidance sweep.
+# Modes: sample, NLL, reconstruct, guidance sweep.
 
-def sample_images(pipe, out, num, plan, guidance, seed, batch_size, rank, world, device, precision,
-                  write_png=True, class_names=None, grid_rows=8, grid_cols=8, progress=True):
+def sample_images(flow, stage1, out, num, plan, guidance, seed, batch_size, rank, world, device, precision,
+                  guide_blocks="all", score_step=0.0, write_png=True, class_names=None, grid=(8, 8), progress=True):
     """Generate `num` images into `out`; rank 0 writes samples.npz, grid.png and info.json."""
     dtype = torch.float64 if precision == "fp64" else torch.float32
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    mine = np.arange(rank, num, world)
-    parts = []
-    t0 = time.time()
-    batches = range(0, len(mine), batch_size)
-    for s in tqdm(batches, desc=f"sampling w={guidance:g}", disable=rank != 0 or not progress):
+    os.makedirs(os.path.join(out, "images") if write_png else out, exist_ok=True)
+    mine, parts, t0 = np.arange(rank, num, world), [], time.time()
+    for s in tqdm(range(0, len(mine), batch_size), desc=f"sampling w={guidance:g}", disable=rank != 0 or not progress):
         idx = mine[s:s + batch_size]
-        u = prior_noise(seed, idx, (pipe.num_tokens, pipe.d)).to(device, dtype)
-        y = torch.from_numpy(plan[idx]).to(device)
+        z = prior_noise(seed, idx, (flow.num_tokens, flow.in_channels)).to(device, dtype)
         with autocast_for(device, precision):
-            x = to_uint8(pipe.generate(u, y, guidance))
-        if write_png:
-            for i, img in zip(idx, x):
-                save_png(img, os.path.join(out, "images", f"{i:06d}.png"))
-        parts.append(x)
-    mine_images = np.concatenate(parts) if parts else None
-    shard = os.path.join(out, f".shard{rank}.npy")           # hand this rank's images to rank 0
-    if world > 1:
-        with open(shard + ".tmp", "wb") as f:
-            np.save(f, mine_images if mine_images is not None else np.zeros((0,), np.uint8))
-        os.replace(shard + ".tmp", shard)
-    barrier(world)
+            images = generate(flow, stage1, z, torch.from_numpy(plan[idx]).to(device), guidance, guide_blocks,
+                              score_step)
+        check_finite(images, idx, "samples")
+        parts.append(to_uint8(images))
+        for i, img in zip(idx, parts[-1] if write_png else []):
+            common.atomic_write(os.path.join(out, "images", f"{i:06d}.png"),
+                                lambda f: Image.fromarray(img).save(f, format="PNG"))
     seconds = time.time() - t0
+    size = stage1.image_size
+    images = gather_rows(np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8), num, rank, world,
+                         out)
     if rank == 0:
-        images = None
-        for r in range(world):
-            part = mine_images if r == 0 else np.load(os.path.join(out, f".shard{r}.npy"))
-            if part.size == 0:
-                continue
-            if images is None:
-                images = np.empty((num,) + part.shape[1:], np.uint8)
-            images[r::world] = part
-        for r in range(1, world):
-            os.remove(os.path.join(out, f".shard{r}.npy"))
-        save_npz(os.path.join(out, "samples.npz"), arr_0=images, arr_1=plan)
-        title = f"SRC-Flow samples, w={guidance:g}, seed={seed}"
-        save_png(make_grid(images, plan, class_names, grid_rows, grid_cols, title), os.path.join(out, "grid.png"))
-        info = dict(num=num, guidance=guidance, seed=seed, world_size=world, precision=precision,
-                    seconds=round(seconds, 2), images_per_second=round(num / max(seconds, 1e-9), 3),
-                    shape=list(images.shape), class_counts=np.bincount(plan[plan >= 0]).tolist() if pipe.num_classes else [])
-        save_json(info, os.path.join(out, "info.json"))
+        common.atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=images, arr_1=plan))
+        order = grid_order(plan, *grid)
+        tiles = torch.from_numpy(np.stack([images[i] if i >= 0 else np.full_like(images[0], 255)
+                                           for row in order for i in row])).permute(0, 3, 1, 2) / 255
+        names = [("-" if c < 0 else str(c)) + (f" {class_names[c]}" if class_names and 0 <= c < len(class_names)
+                                               else "") for c in dict.fromkeys(plan.tolist())]
+        labels = [names[r] if k == 0 else None for r, row in enumerate(order) for k in range(len(row))]
+        common.save_grid(tiles, os.path.join(out, "grid.png"), nrow=grid[1], labels=labels,
+                         title=f"SRC-Flow samples, w={guidance:g} ({guide_blocks}), seed={seed}")
+        info = dict(num=num, guidance=guidance, guide_blocks=guide_blocks, score_step=score_step, seed=seed,
+                    world_size=world, precision=precision, seconds=round(seconds, 2),
+                    images_per_second=round(num / max(seconds, 1e-9), 3), shape=list(images.shape),
+                    class_counts=np.bincount(plan[plan >= 0]).tolist() if flow.num_classes else [])
+        common.save_json(info, os.path.join(out, "info.json"))
         print(f"wrote {num} samples ({seconds:.1f}s): {os.path.join(out, 'samples.npz')}, "
               f"{os.path.join(out, 'grid.png')}" + (f", {os.path.join(out, 'images')}/" if write_png else ""))
-    barrier(world)
     return os.path.join(out, "samples.npz")
 
 
-def list_image_folder(root, num_classes, uncond):
-    """(paths, labels) of a folder: class subfolders (sorted, as ImageFolder) or flat with --nll-uncond."""
+def folder_images(root, image_size, flag):
+    """common.ImageFolder of `root` (class subfolders, or a flat folder of images), `flag` naming it in errors."""
     if not os.path.isdir(root):
-        raise UserError(f"--nll {root}: no such folder")
-    subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    paths, labels = [], []
-    if subdirs:
-        if not uncond and num_classes and len(subdirs) != num_classes:
-            raise UserError(f"--nll {root}: {len(subdirs)} class subfolders but the flow has "
-                            f"{num_classes} classes (or pass --nll-uncond)")
-        for k, name in enumerate(subdirs):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, name))):
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        paths.append(os.path.join(dirpath, f))
-                        labels.append(k)
-    else:
-        if num_classes and not uncond:
-            raise UserError(f"--nll {root}: no class subfolders; a class-conditional flow needs them "
-                            f"(or pass --nll-uncond for the null-label likelihood)")
-        paths = [os.path.join(root, f) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        labels = [0] * len(paths)
-    if not paths:
-        raise UserError(f"--nll {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return paths, np.asarray(labels, dtype=np.int64)
+        raise UserError(f"{flag} {root}: no such folder")
+    return common.ImageFolder(root, image_size, flat=True)
 
 
-def load_image(path, image_size):
-    """[0, 1] tensor (3, S, S) with ADM's centre crop (the training pre-processing, without flips)."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(center_crop_arr(im.convert("RGB"), image_size))
-    except Exception as e:  # PIL raises many types: name the file in one line
-        raise UserError(f"{path}: unreadable image ({type(e).__name__})") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+def load_batch(data, indices, device, dtype):
+    return torch.stack([data[int(i)][0] for i in indices]).to(device, dtype) / 255
 
 
-def mean_sem(values):
-    values = np.asarray(values, dtype=np.float64)
-    sem = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return float(values.mean()), float(sem)
+def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limit, rank, world, device, dtype,
+                 progress=True):
+    """Exact NLL of a folder in bits/dim of the compact space, noisy (eq. 8) and clean; see the module doc."""
+    data = folder_images(root, stage1.image_size, "--nll")
+    if flow.num_classes and not uncond and len(data.classes) != flow.num_classes:
+        raise UserError(f"--nll {root}: {len(data.classes)} class subfolders but the flow has {flow.num_classes} "
+                        f"classes (or pass --nll-uncond for the null-label likelihood)")
+    n = min(limit or len(data), len(data))
+    labels = np.array([flow.num_classes if uncond else label for _, label in data.samples[:n]], dtype=np.int64)
+    sigma, per_example = float(ckpt["noise_std"]), ckpt["noise_mode"] == "per-example"
+    dims = flow.num_tokens * flow.in_channels
 
+    def nll(x, y):  # -log p(z_c | y) / (N d ln 2), eq. 2
+        return -flow.log_prob(x, y if flow.num_classes else None).double() / (dims * math.log(2))
 
-def evaluate_nll(pipe, root, uncond, draws, seed, batch_size, limit, rank, world, device, precision, progress=True):
-    """Exact NLL of a folder in bits/dim of the compact space, noisy (eq. 8) and clean; see module doc."""
-    dtype = torch.float64 if precision == "fp64" else torch.float32
-    paths, labels = list_image_folder(root, pipe.num_classes, uncond)
-    if limit:
-        paths, labels = paths[:limit], labels[:limit]
-    if uncond:
-        labels = np.full(len(paths), pipe.num_classes, dtype=np.int64)   # the null label
-    mine = np.arange(rank, len(paths), world)
-    rows = []
+    mine, rows = np.arange(rank, n, world), []
     for s in tqdm(range(0, len(mine), batch_size), desc="nll", disable=rank != 0 or not progress):
         idx = mine[s:s + batch_size]
-        x = torch.stack([load_image(paths[i], pipe.image_size) for i in idx]).to(device, dtype)
         y = torch.from_numpy(labels[idx]).to(device)
-        z_raw = pipe.rae.encode_raw(x)                                   # E(x)
-        clean = pipe.nll_bpd(pipe.compact(z_raw), y)
-        noisy = torch.zeros_like(clean)
-        for k in range(draws):            # eps of image i, draw k: generator seeded by (seed, i, 1, k)
-            eps = per_index_randn(z_raw.shape[1:], seed, idx, 1, k).to(device, dtype) * pipe.noise_std
-            noisy += pipe.nll_bpd(pipe.compact(z_raw + eps), y)
-        noisy /= draws
+        z_raw = stage1.rae.encode_raw(load_batch(data, idx, device, dtype))                # E(x)
+        clean = nll(stage1.compact(z_raw), y)
+        noisy = sum(nll(stage1.compact(z_raw + encoder_noise_of(seed, idx, z_raw.shape[1:], sigma, per_example, 1, k)
+                                       .to(device, dtype)), y) for k in range(draws)) / draws
         rows += list(zip(idx.tolist(), clean.tolist(), noisy.tolist()))
-    rows = sorted(sum(gather_objects(rows, world), []))
-    clean_m, clean_s = mean_sem([r[1] for r in rows])
-    noisy_m, noisy_s = mean_sem([r[2] for r in rows])
-    return dict(folder=root, num_images=len(rows), conditional=not uncond and pipe.num_classes > 0,
-                noise_std=pipe.noise_std, noise_draws=draws, dims=pipe.num_tokens * pipe.d,
+    rows = sorted(sum(all_objects(rows, world), []))
+    mean_sem = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan)
+    (clean_m, clean_s), (noisy_m, noisy_s) = mean_sem([r[1] for r in rows]), mean_sem([r[2] for r in rows])
+    return dict(folder=root, num_images=len(rows), conditional=not uncond and flow.num_classes > 0,
+                noise_std=sigma, noise_mode=ckpt["noise_mode"], noise_draws=draws, dims=dims,
                 nll_bpd_noisy=noisy_m, nll_bpd_noisy_sem=noisy_s, nll_bpd_clean=clean_m, nll_bpd_clean_sem=clean_s,
-                per_image=[dict(path=paths[i], clean=c, noisy=n) for i, c, n in rows])
+                per_image=[dict(path=data.samples[i][0], clean=c, noisy=v) for i, c, v in rows])
 
 
-def inception_features(source, model, batch_size, device, progress):
-    """fid.py's features of a folder / images npz, or its statistics npz (then features=None).
-    Called on every rank together: fid.extract_features splits the images across ranks."""
-    import fid
-    kind, src = fid.open_source(source)
-    if kind == "stats":
-        return dict(stats=src, pool=None, logits=None)
-    pool, logits = fid.extract_features(model, src, batch_size=batch_size, device=device, progress=progress)
-    return dict(stats=fid.statistics(pool), pool=pool, logits=logits)
+def all_objects(obj, world):
+    """Every rank's `obj`, in rank order."""
+    out = [obj]
+    if world > 1:
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+    return out
 
 
-def fid_metrics(ref, gen, device):
-    """FID, IS, precision/recall (where both sides have images) from inception_features outputs."""
-    import fid
-    res = dict(fid=fid.frechet_distance(*gen["stats"], *ref["stats"]),
-               inception_score=fid.inception_score(gen["logits"]))
-    if ref["pool"] is not None:
-        res["precision"], res["recall"] = fid.precision_recall(ref["pool"], gen["pool"], device=device)
-    return res
+def reconstruct(stage1, root, out, rae_only, noise, seed, batch_size, limit, rank, world, device, dtype, progress):
+    """originals.npz and recon.npz of a folder (ADM npz, uint8 NHWC) for rFID; see the module doc."""
+    data = folder_images(root, stage1.image_size, "--reconstruct")
+    n = min(limit or len(data), len(data))
+    mine, originals, recons = np.arange(rank, n, world), [], []
+    os.makedirs(out, exist_ok=True)
+    for s in tqdm(range(0, len(mine), batch_size), desc="reconstruct", disable=rank != 0 or not progress):
+        idx = mine[s:s + batch_size]
+        x = load_batch(data, idx, device, dtype)
+        z_raw = stage1.rae.encode_raw(x)
+        if noise > 0:
+            z_raw = z_raw + encoder_noise_of(seed, idx, z_raw.shape[1:], noise, False, 2).to(device, dtype)
+        recon = stage1.rae.decode(stage1.rae.normalize(z_raw)) if rae_only else stage1(z_raw)
+        check_finite(recon, idx, "reconstructions")
+        originals.append(to_uint8(x))
+        recons.append(to_uint8(recon))
+    shape = (0, stage1.image_size, stage1.image_size, 3)
+    originals, recons = [gather_rows(np.concatenate(p) if p else np.zeros(shape, np.uint8), n, rank, world, out)
+                         for p in (originals, recons)]
+    if rank == 0:
+        for name, arr in (("originals", originals), ("recon", recons)):
+            common.atomic_write(os.path.join(out, f"{name}.npz"), lambda f: np.savez(f, arr_0=arr))
+        pair = torch.from_numpy(np.concatenate([originals[:8], recons[:8]])).permute(0, 3, 1, 2) / 255
+        common.save_grid(pair, os.path.join(out, "grid.png"), nrow=min(8, n), title="originals / reconstructions")
+        print(f"wrote {n} originals and reconstructions ({'RAE' if rae_only else 'SRC'}, noise {noise:g}) to {out}; "
+              f"rFID: python fid.py {os.path.join(out, 'originals.npz')} {os.path.join(out, 'recon.npz')} "
+              f"--weights pt_inception-2015-12-05-6726825d.pth")
+
+
+def sweep(flow, stage1, args, plan, settings, class_names, rank, world, device):
+    """Sample every (w, guide_blocks, score step) setting and score it with fid.evaluate against --ref."""
+    progress = rank == 0 and not args.no_progress
+    model = fid.load_inception(args.fid_weights).to(device)
+    ref = fid.load_features(args.ref, model, batch_size=args.batch_size, device=device, progress=progress)
+    table = []
+    for w, blocks, gamma in settings:
+        name = f"cfg-{w:g}" + ("-deep" if blocks == "deep" else "") + (f"-score{gamma:g}" if gamma else "")
+        path = sample_images(flow, stage1, os.path.join(args.out, name), args.num_samples, plan, w, args.seed,
+                             args.batch_size, rank, world, device, args.precision, blocks, gamma, not args.no_png,
+                             class_names, (args.grid_rows, args.grid_cols), not args.no_progress)
+        res = fid.evaluate(ref, path, model, batch_size=args.batch_size, device=device, progress=progress)
+        table.append(dict(guidance=w, guide_blocks=blocks, score_step=gamma, samples=path, **res))
+        if rank == 0:
+            print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    if rank == 0:
+        best = min(table, key=lambda r: r["fid"])
+        print(f"best: w={best['guidance']:g}, {best['guide_blocks']}, score step {best['score_step']:g} "
+              f"(FID {best['fid']:.3f})")
+        common.save_json(dict(ref=args.ref, num=args.num_samples, seed=args.seed, results=table),
+                         os.path.join(args.out, "sweep.json"))
 
 
 # -----------------------------------------------------------------------------
 
+def floats(text, flag):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        raise UserError(f"{flag}: expected finite numbers >= 0, got {text!r}")
+    return values
+
+
+def check_args(args):
+    """Argument checks that need no file: one line naming the flag."""
+    for flag, v in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
+                    ("--nll-draws", args.nll_draws)):
+        if v < 1:
+            raise UserError(f"{flag}: expected a positive integer, got {v}")
+    if not args.recon_noise >= 0:
+        raise UserError(f"--recon-noise: expected a noise std >= 0, got {args.recon_noise}")
+    blocks = [b for b in args.guide_blocks.split(",") if b]
+    if not blocks or any(b not in ("all", "deep") for b in blocks):
+        raise UserError(f"--guide-blocks: expected all, deep or a comma list of them, got {args.guide_blocks!r}")
+    ws = floats(args.cfg_sweep, "--cfg-sweep") if args.cfg_sweep else floats(str(args.cfg), "guidance scale --cfg")
+    gammas = floats(args.score_step, "--score-step")
+    if not args.cfg_sweep and (len(blocks) > 1 or len(gammas) > 1):
+        raise UserError("--guide-blocks / --score-step: several values need --cfg-sweep")
+    if args.cfg_sweep:
+        for flag, path in (("--ref", args.ref), ("--fid-weights", args.fid_weights)):
+            if path is None or not os.path.exists(path):
+                raise UserError(f"--cfg-sweep needs {flag} (an existing file or folder), got {path}")
+    if args.reconstruct is None and args.ckpt is None:
+        raise UserError("--ckpt: a stage-2 checkpoint from train_flow.py is needed (except with --reconstruct)")
+    if args.reconstruct is not None and args.ckpt is None and args.stage1 is None:
+        raise UserError("--reconstruct needs --stage1 (or --ckpt, whose stage 1 is used)")
+    if args.nll is None and args.out is None:
+        raise UserError("--out: needed to write samples or reconstructions (or use --nll FOLDER)")
+    class_names = None
+    if args.class_names:
+        if not os.path.isfile(args.class_names):
+            raise UserError(f"--class-names {args.class_names}: no such file (expected one class name per line)")
+        class_names = [line.strip() for line in open(args.class_names) if line.strip()]
+    return [(w, b, g) for w in ws for b in blocks for g in gammas], class_names
+
+
 @torch.no_grad()
 def main(args):
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples: expected a positive number of images, got {args.num_samples}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    sweep = None
-    if args.cfg_sweep:
-        try:
-            sweep = [float(w) for w in args.cfg_sweep.split(",") if w.strip()]
-        except ValueError:
-            raise UserError(f"--cfg-sweep: expected comma-separated guidance scales, got {args.cfg_sweep!r}")
-        if not sweep:
-            raise UserError("--cfg-sweep: empty list")
-        for flag, path in (("--ref", args.ref), ("--fid-weights", args.fid_weights)):
-            if path is None:
-                raise UserError(f"--cfg-sweep needs {flag}")
-            if not os.path.exists(path):
-                raise UserError(f"{flag} {path}: no such file or folder")
-    if args.nll is None and args.out is None:
-        raise UserError("--out: needed to write samples (or use --nll FOLDER)")
-    class_names = read_class_names(args.class_names) if args.class_names else None
-
-    rank, world, device = setup_ddp(args.device)
+    settings, class_names = check_args(args)
+    rank, world, device = common.setup_ddp(args.device)
+    dtype = torch.float64 if args.precision == "fp64" else torch.float32
     try:
-        pipe = Pipeline(args.ckpt, args.stage1, device=device, ema=not args.no_ema)
-        if args.precision == "fp64":
-            pipe.to(torch.float64)
+        if args.reconstruct is not None:
+            stage1 = args.stage1 or common.load_checkpoint(args.ckpt, "flow")["stage1"]
+            stage1 = common.load_stage1(stage1, device, ema=not args.no_ema, encoder=args.encoder,
+                                        decoder=args.decoder).to(dtype)
+            with autocast_for(device, "fp32" if args.precision == "auto" else args.precision):
+                reconstruct(stage1, args.reconstruct, args.out, args.recon_rae, args.recon_noise, args.seed,
+                            args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
+            return
+        flow, ckpt, stage1 = load_models(args, device)
+        flow.to(dtype)
+        stage1.to(dtype)
         if args.nll is not None:
-            if args.nll_draws < 1:
-                raise UserError(f"--nll-draws: expected >= 1 noise draws per image, got {args.nll_draws}")
-            res = evaluate_nll(pipe, args.nll, args.nll_uncond, args.nll_draws, args.seed, args.batch_size,
-                               args.nll_limit, rank, world, device,
-                               "fp64" if args.precision == "fp64" else "fp32", not args.no_progress)
+            res = evaluate_nll(flow, ckpt, stage1, args.nll, args.nll_uncond, args.nll_draws, args.seed,
+                               args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
             if rank == 0:
                 print(f"NLL of {res['num_images']} images in {args.nll} (bits per compact dimension, "
                       f"N*d={res['dims']}, {'conditional' if res['conditional'] else 'null label'}):")
-                print(f"  noisy (sigma_flow={res['noise_std']:g}, {res['noise_draws']} draws): "
+                print(f"  noisy (sigma_flow={res['noise_std']:g} {res['noise_mode']}, {res['noise_draws']} draws): "
                       f"{res['nll_bpd_noisy']:.4f} +- {res['nll_bpd_noisy_sem']:.4f}")
                 print(f"  clean (no noise): {res['nll_bpd_clean']:.4f} +- {res['nll_bpd_clean_sem']:.4f}")
                 if args.nll_json:
-                    save_json(res, args.nll_json)
+                    common.save_json(res, args.nll_json)
             return
-        classes = parse_classes(args.classes, pipe.num_classes)
-        plan = class_plan(args.num_samples, pipe.num_classes, classes, args.seed)
-        for w in (sweep or [args.cfg]):
-            if w < 0:
-                raise UserError(f"guidance scale must be >= 0, got {w}")
-            if w > 0 and pipe.num_classes == 0:
-                raise UserError(f"guidance {w} needs a class-conditional flow; {args.ckpt} is unconditional")
-        if sweep is None:
-            sample_images(pipe, args.out, args.num_samples, plan, args.cfg, args.seed, args.batch_size, rank, world,
-                          device, args.precision, not args.no_png, class_names, args.grid_rows, args.grid_cols,
-                          not args.no_progress)
-            return
-        import fid
-        model = fid.load_inception(args.fid_weights).to(device)
-        ref = inception_features(args.ref, model, args.batch_size, device, rank == 0 and not args.no_progress)
-        table = []
-        for w in sweep:
-            out = os.path.join(args.out, f"cfg-{w:g}")
-            path = sample_images(pipe, out, args.num_samples, plan, w, args.seed, args.batch_size, rank, world, device,
-                                 args.precision, not args.no_png, class_names, args.grid_rows, args.grid_cols,
-                                 not args.no_progress)
-            gen = inception_features(path, model, args.batch_size, device, rank == 0 and not args.no_progress)
-            if rank == 0:
-                table.append(dict(guidance=w, samples=path, **fid_metrics(ref, gen, device)))
-                print(f"w={w:g}: FID {table[-1]['fid']:.3f}")
-        if rank == 0:
-            print(f"{'w':>6} {'FID':>9} {'IS':>9}" + (f" {'prec':>6} {'recall':>6}" if "precision" in table[0] else ""))
-            for r in table:
-                print(f"{r['guidance']:>6g} {r['fid']:>9.3f} {r['inception_score']:>9.2f}"
-                      + (f" {r['precision']:>6.3f} {r['recall']:>6.3f}" if "precision" in r else ""))
-            best = min(table, key=lambda r: r["fid"])
-            print(f"best: w={best['guidance']:g} (FID {best['fid']:.3f})")
-            save_json(dict(ref=args.ref, num=args.num_samples, seed=args.seed, results=table), os.path.join(args.out, "sweep.json"))
+        if flow.num_classes == 0 and any(w > 0 or g > 0 for w, _, g in settings):
+            raise UserError(f"guidance and --score-step need a class-conditional flow; {args.ckpt} is unconditional")
+        plan = class_plan(args.num_samples, flow.num_classes, parse_classes(args.classes, flow.num_classes), args.seed)
+        if args.cfg_sweep:
+            return sweep(flow, stage1, args, plan, settings, class_names, rank, world, device)
+        (w, blocks, gamma), = settings
+        sample_images(flow, stage1, args.out, args.num_samples, plan, w, args.seed, args.batch_size, rank, world,
+                      device, args.precision, blocks, gamma, not args.no_png, class_names,
+                      (args.grid_rows, args.grid_cols), not args.no_progress)
     finally:
-        cleanup_ddp()
+        common.cleanup_ddp()
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample from SRC-Flow (eq. 10) or evaluate its exact NLL (eq. 2).")
-    p.add_argument("--ckpt", required=True, help="stage-2 checkpoint written by train_flow.py")
+    p = argparse.ArgumentParser(description="Sample from SRC-Flow (eq. 10), evaluate its exact NLL (eq. 2) or "
+                                            "write stage-1 reconstructions for rFID.")
+    p.add_argument("--ckpt", default=None, help="stage-2 checkpoint written by train_flow.py")
     p.add_argument("--stage1", default=None, help="stage-1 checkpoint (default: the path stored in --ckpt)")
+    p.add_argument("--encoder", default=None, help="DINOv2 weights, if they moved since stage 1")
+    p.add_argument("--decoder", default=None, help="released RAE decoder model.pt, if it moved since stage 1")
     p.add_argument("--out", default=None, help="output folder for images/, samples.npz, grid.png, info.json")
     p.add_argument("--num-samples", type=int, default=50_000, help="number of images (the paper evaluates 50k)")
     p.add_argument("--classes", default="even",
                    help="'even' (all classes equally, 50 each for 50k), 'random', or a list such as 207,360,387")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance scale w (0 = none)")
-    p.add_argument("--cfg-sweep", default=None, help="comma list of w: sample each and report FID (needs --ref, --fid-weights)")
+    p.add_argument("--guide-blocks", default="all",
+                   help="guide every flow block (all; STARFlow's default) or the deep block only (deep)")
+    p.add_argument("--score-step", default="0", help="SimFlow's score step gamma after guidance (eq. 6; 0 = off)")
+    p.add_argument("--cfg-sweep", default=None, help="comma list of w: sample each and score it (needs --ref, "
+                                                     "--fid-weights); --guide-blocks and --score-step may be lists")
     p.add_argument("--ref", default=None, help="FID reference: ADM .npz batch, .npz with mu/sigma, or image folder")
     p.add_argument("--fid-weights", default=None, help="pt_inception-2015-12-05-6726825d.pth for fid.py")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i uses noise seeded by (seed, i)")
@@ -513,11 +451,15 @@ def build_parser():
     p.add_argument("--nll", default=None, metavar="FOLDER", help="evaluate the exact NLL of these images instead")
     p.add_argument("--nll-uncond", action="store_true", help="NLL under the null label (folder without classes)")
     p.add_argument("--nll-draws", type=int, default=4, help="noise draws per image for the noisy NLL")
-    p.add_argument("--nll-limit", type=int, default=0, help="use only the first N images (0 = all)")
     p.add_argument("--nll-json", default=None, help="also write the NLL results (and per-image values) here")
+    p.add_argument("--reconstruct", default=None, metavar="FOLDER", help="write originals.npz and recon.npz of "
+                                                                         "these images (rFID) instead")
+    p.add_argument("--recon-rae", action="store_true", help="--reconstruct through the RAE alone (no compressor)")
+    p.add_argument("--recon-noise", type=float, default=0.0, help="--reconstruct: std of the noise on E(x)")
+    p.add_argument("--limit", type=int, default=0, help="--nll / --reconstruct: only the first N images (0 = all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 if __name__ == "__main__":
-    run_cli(main, build_parser().parse_args())
+    common.run_cli(main, build_parser().parse_args())

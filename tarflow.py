@@ -1,19 +1,20 @@
 """Transformer autoregressive affine flow (TARFlow) with SimFlow's upgrades, paper §2, eq. 2, 3, 9.
 
-The flow f_theta = f_{K-1} o ... o f_0 maps compact tokens y (B, N, d) to a Gaussian prior u.
-Block k reads its tokens in its own order (identity, reversed, identity, ...) and moves each
-token with an affine map whose parameters come from a causal Transformer over the tokens
-before it:
+Names: x (B, N, d) are the data tokens (the compact features), z the Gaussian prior side, y the
+class labels. The flow f = f_{K-1} o ... o f_0 maps x = x^0 to z = x^K. Block k reads the tokens
+in its own order, a permutation pi_k of 0..N-1 (step i reads token pi_k[i]; by default identity,
+reversed, identity, ...), and moves each token with an affine map whose parameters come from a
+causal Transformer over the tokens read before it:
 
-    y^{k+1}_i = (y^k_i - mu^k_i) * exp(-alpha^k_i),    y^k_i = y^{k+1}_i * exp(alpha^k_i) + mu^k_i   (eq. 3)
+    x^{k+1}_i = (x^k_i - mu^k_i) * exp(-alpha^k_i),    x^k_i = x^{k+1}_i * exp(alpha^k_i) + mu^k_i   (eq. 3)
 
-(mu_i, alpha_i) depend on y_{<i} only (the Transformer output is shifted by one position; the
-first token gets mu = alpha = 0), so the Jacobian is triangular and
+(mu^k_i, alpha^k_i) depend on x^k_{<i} only (the Transformer output is shifted by one position;
+the first token read gets mu = alpha = 0), so the Jacobian is triangular and
 
-    log p(y) = log N(f(y); 0, I) + log|det df/dy|,   log|det df/dy| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
+    log p(x|y) = log N(f(x); 0, I) + log|det df/dx|,   log|det df/dx| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
 
-and training minimises 0.5 ||f(y)||^2 + sum alpha (eq. 9). Following SimFlow (Table 8) the
-blocks are deep-shallow (depths [2, 2, 2, 2, 2, D]: the deep block is the last one in the
+and training minimises 0.5 ||f(x)||^2 + sum alpha (eq. 9). Following SimFlow (Table 8) the
+blocks are deep-shallow (depths [2, 2, 2, 2, 2, L]: the deep block is the last one in the
 data -> prior direction, i.e. the first one run when sampling) and each Transformer layer is
 conditioned on the class by adaLN-Zero (DiT). Label `num_classes` is the null label, used for
 label dropout in training and for the unconditional half of classifier-free guidance; an
@@ -29,10 +30,11 @@ combined per element with STARFlow's guided-Gaussian rule (sigma = exp(alpha)):
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
 
-Both halves of the batch then continue from the same guided token, as in STARFlow. Guidance is
-applied in every block, since every block is class-conditional here (STARFlow guides every
-conditioned block; its "top block only" mode is for models whose lower blocks ignore the
-condition).
+Both halves of the batch then continue from the same guided token, as in STARFlow. By default
+(guide_blocks='all') every block is guided, since every block is class-conditional here;
+guide_blocks='deep' is STARFlow's top-block mode: only the deep block is guided and the shallow
+blocks then run conditional on y with w = 0, at batch B. After sampling, `score_step` takes
+SimFlow's score step (SimFlow eq. 6) with gradients of the exact log-density.
 
 Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and
 the tokens passed between blocks stay in float32 (float64 when the model and input are
@@ -45,17 +47,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Model sizes (SimFlow Table 8; 'tiny' is for toy runs and tests). Width / head_dim = heads.
-# With 1000 classes and d = 32 the parameter counts match Table 8 (S 37M, B 141M, L 475M,
-# XL 695M). XXL uses the SPEC's depth 36 (Table 8); SimFlow's §5 text says 46, which is what
-# its 1.4B count implies (36 gives 1.12B).
+# Model sizes (SimFlow Table 8; 'tiny' is for toy runs and tests). Width / head_dim = heads. With 1000
+# classes, d = 32 and 256 tokens: S 37M, B 141M, L 475M, XL 695M (Table 8's counts) and XXL 1.36B. XXL's
+# deep block has 46 layers, as SimFlow's §5 text says and its 1.4B count implies (its Table 8 prints 36,
+# which gives 1.12B). 'XXL-2048' is XXL at width 2048 (16 heads, 4.3B): the wider flow of the paper's naive
+# baseline (Table 1: a flow on the full 768-channel RAE tokens, width 1152 against 2048).
 SIZES = {
     'tiny': dict(channels=64, head_dim=32, depths=[1, 1, 1, 1, 1, 2]),
     'S': dict(channels=384, head_dim=64, depths=[2, 2, 2, 2, 2, 2]),
     'B': dict(channels=768, head_dim=64, depths=[2, 2, 2, 2, 2, 2]),
     'L': dict(channels=1024, head_dim=64, depths=[2, 2, 2, 2, 2, 14]),
     'XL': dict(channels=1152, head_dim=72, depths=[2, 2, 2, 2, 2, 18]),
-    'XXL': dict(channels=1152, head_dim=72, depths=[2, 2, 2, 2, 2, 36]),
+    'XXL': dict(channels=1152, head_dim=72, depths=[2, 2, 2, 2, 2, 46]),
+    'XXL-2048': dict(channels=2048, head_dim=128, depths=[2, 2, 2, 2, 2, 46]),
 }
 
 
@@ -113,11 +117,14 @@ class Layer(nn.Module):
 
 
 class FlowBlock(nn.Module):
-    """One autoregressive affine block f_k (eq. 3) in identity or reversed token order."""
+    """One autoregressive affine block f_k (eq. 3) reading its tokens in the order perm (step i reads token perm[i])."""
 
-    def __init__(self, in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio, flip):
+    def __init__(self, in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio, perm):
         super().__init__()
-        self.flip = flip
+        natural = list(range(num_tokens))
+        self.order = 'identity' if perm == natural else 'reversed' if perm == natural[::-1] else 'gather'
+        self.register_buffer('perm', torch.tensor(perm), persistent=False)  # the constructor's permutations
+        self.register_buffer('inv_perm', torch.tensor(sorted(natural, key=perm.__getitem__)), persistent=False)
         self.proj_in = nn.Linear(in_channels, channels)
         self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)  # by step in this block's order
         self.class_embed = nn.Embedding(num_classes + 1, channels)  # last row: null label
@@ -125,6 +132,14 @@ class FlowBlock(nn.Module):
         self.norm = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(channels, 2 * channels)
         self.proj_out = nn.Linear(channels, 2 * in_channels)  # zero-initialised: mu = alpha = 0
+
+    def permute(self, x, inverse=False):
+        """Natural token order -> this block's reading order (inverse=True: back); the default orders need no gather."""
+        if self.order == 'identity':
+            return x
+        if self.order == 'reversed':
+            return x.flip(1)
+        return x.index_select(1, self.inv_perm if inverse else self.perm)
 
     def conditioning(self, y):
         """Per-layer adaLN modulations and the output modulation for labels y (B,), computed once."""
@@ -147,12 +162,12 @@ class FlowBlock(nn.Module):
         return mu, alpha
 
     def forward(self, x, y):
-        """y^{k+1} = (y^k - mu) * exp(-alpha) (eq. 3); returns it and log|det| = -sum alpha per example."""
-        x = x.flip(1) if self.flip else x
+        """x^{k+1} = (x^k - mu) * exp(-alpha) (eq. 3); returns it and log|det| = -sum alpha per example."""
+        x = self.permute(x)
         mods, out_mod = self.conditioning(y)
         mu, alpha = self.params(x, mods, out_mod)
         z = (x.to(mu.dtype) - mu) * torch.exp(-alpha)
-        return (z.flip(1) if self.flip else z), -alpha.sum(dim=(1, 2))
+        return self.permute(z, inverse=True), -alpha.sum(dim=(1, 2))
 
     def step(self, x_t, t, mods, out_mod, caches):
         """One sampling step: token t (B, 1, d) -> (mu, alpha) of token t + 1, each (B, d)."""
@@ -165,7 +180,7 @@ class FlowBlock(nn.Module):
         """Invert this block token by token (eq. 3). z: (B, N, d); y: (B,) or (2B,) = [cond; null] for CFG."""
         B, N, _ = z.shape
         G = y.shape[0] // B  # 2 when guiding
-        z = z.flip(1) if self.flip else z
+        z = self.permute(z)
         mods, out_mod = self.conditioning(y)
         x = z.new_empty(G, B, *z.shape[1:])
         x[:, :, 0] = z[:, 0]
@@ -177,8 +192,7 @@ class FlowBlock(nn.Module):
             else:
                 sigma = torch.exp(alpha)
             x[:, :, t + 1] = torch.addcmul(mu, z[:, t + 1], sigma)  # same token for both CFG halves
-        x = x[0]
-        return x.flip(1) if self.flip else x
+        return self.permute(x[0], inverse=True)
 
 
 def guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w):
@@ -197,7 +211,8 @@ def _affine_dtype(x):
 class TARFlow(nn.Module):
     """K = len(depths) autoregressive affine blocks over (B, num_tokens, in_channels) tokens (eq. 2, 3)."""
 
-    def __init__(self, in_channels, num_tokens, channels, depths, head_dim=64, num_classes=0, mlp_ratio=4.0):
+    def __init__(self, in_channels, num_tokens, channels, depths, head_dim=64, num_classes=0, mlp_ratio=4.0,
+                 permutations=None):
         super().__init__()
         depths = list(depths)
         if in_channels <= 0 or num_tokens <= 0 or channels <= 0 or head_dim <= 0:
@@ -205,16 +220,23 @@ class TARFlow(nn.Module):
                              f"{in_channels}, {num_tokens}, {channels}, {head_dim}")
         if channels % head_dim:
             raise ValueError(f"TARFlow: channels={channels} is not a multiple of head_dim={head_dim}")
-        if not depths or any(int(D) != D or D < 1 for D in depths):
+        if not depths or any(int(n) != n or n < 1 for n in depths):
             raise ValueError(f"TARFlow: depths must be a non-empty list of positive layer counts, got {depths}")
         if num_classes < 0:
             raise ValueError(f"TARFlow: num_classes must be >= 0, got {num_classes}")
+        natural = list(range(num_tokens))
+        if permutations is None:  # the default orders: identity, reversed, identity, ...
+            permutations = [natural[::-1] if k % 2 else natural for k in range(len(depths))]
+        perms = [list(p) for p in permutations if isinstance(p, (list, tuple)) and all(type(i) is int for i in p)]
+        if not len(perms) == len(permutations) == len(depths) or any(sorted(p) != natural for p in perms):
+            raise ValueError(f"TARFlow: permutations must be None or {len(depths)} lists of ints (one per block), "
+                             f"each a permutation of range({num_tokens})")
         self.in_channels, self.num_tokens, self.channels = in_channels, num_tokens, channels
         self.depths, self.head_dim, self.num_classes, self.mlp_ratio = depths, head_dim, num_classes, mlp_ratio
-        self.null_label = num_classes
+        self.null_label, self.permutations = num_classes, perms
         self.blocks = nn.ModuleList([
-            FlowBlock(in_channels, num_tokens, channels, D, head_dim, num_classes, mlp_ratio, flip=k % 2 == 1)
-            for k, D in enumerate(depths)])
+            FlowBlock(in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio, perm)
+            for depth, perm in zip(depths, perms)])
         self.apply(self._init_weights)
         for block in self.blocks:  # adaLN-Zero and a zero output: a new flow is the identity
             for m in [block.ada_out, block.proj_out] + [layer.ada for layer in block.layers]:
@@ -233,7 +255,7 @@ class TARFlow(nn.Module):
         """The constructor arguments, as stored in flow checkpoints (`flow_config`)."""
         return dict(in_channels=self.in_channels, num_tokens=self.num_tokens, channels=self.channels,
                     depths=list(self.depths), head_dim=self.head_dim, num_classes=self.num_classes,
-                    mlp_ratio=self.mlp_ratio)
+                    mlp_ratio=self.mlp_ratio, permutations=[list(p) for p in self.permutations])
 
     def _check(self, x, name):
         shape = (self.num_tokens, self.in_channels)
@@ -256,7 +278,7 @@ class TARFlow(nn.Module):
         return y.to(device=device, dtype=torch.long)
 
     def forward(self, x, y=None):
-        """Data -> prior: returns u = f(x) (B, N, d) and log|det df/dx| (B,) summed over all elements and blocks."""
+        """Data -> prior: returns z = f(x) (B, N, d) and log|det df/dx| (B,) summed over all elements and blocks."""
         self._check(x, 'forward')
         y = self._labels(y, x.shape[0], x.device, 'forward')
         logdet = 0
@@ -268,29 +290,47 @@ class TARFlow(nn.Module):
     def log_prob(self, x, y=None):
         """Exact log p(x) in nats (eq. 2): log N(f(x); 0, I) + log|det df/dx|, per example (B,)."""
         z, logdet = self(x, y)
-        D = z.shape[1] * z.shape[2]
-        return -0.5 * z.pow(2).sum(dim=(1, 2)) - 0.5 * D * math.log(2 * math.pi) + logdet
+        dims = z.shape[1] * z.shape[2]
+        return -0.5 * z.pow(2).sum(dim=(1, 2)) - 0.5 * dims * math.log(2 * math.pi) + logdet
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0):
+    def reverse(self, z, y=None, guidance=0.0, guide_blocks='all'):
         """Prior -> data: x = f^{-1}(z), token by token with KV caches; CFG (STARFlow rule) when guidance > 0.
 
-        z: (B, N, d) prior samples; y: labels (B,) or None (null label). Returns x (B, N, d) in the
-        affine dtype (float32, or float64 for float64 input)."""
+        z: (B, N, d) prior samples; y: labels (B,) or None (null label). guide_blocks: 'all' guides every
+        block, 'deep' only the deep block (run first); the shallow blocks then run on y alone with w = 0.
+        Returns x (B, N, d) in the affine dtype (float32, or float64 for float64 input)."""
         self._check(z, 'reverse')
         if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
+        if guide_blocks not in ('all', 'deep'):
+            raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', got {guide_blocks!r}")
         B, N, _ = z.shape
         y = self._labels(y, B, z.device, 'reverse')
-        if guidance > 0:
-            y = torch.cat([y, torch.full_like(y, self.null_label)])  # one batch: [cond; null]
+        labels = torch.cat([y, torch.full_like(y, self.null_label)]) if guidance > 0 else y  # one batch: [cond; null]
         heads = self.channels // self.head_dim
-        caches = [torch.empty(y.shape[0], 2, heads, N, self.head_dim, dtype=self._compute_dtype(z.device),
+        caches = [torch.empty(labels.shape[0], 2, heads, N, self.head_dim, dtype=self._compute_dtype(z.device),
                               device=z.device) for _ in range(max(self.depths))]  # reused by every block
         x = z.to(_affine_dtype(z))
-        for block in reversed(self.blocks):
-            x = block.reverse(x, y, caches, float(guidance))
+        for k, block in enumerate(reversed(self.blocks)):
+            if k == 1 and guide_blocks == 'deep':  # shallow blocks: conditional half only, batch B
+                labels, guidance, caches = y, 0.0, [cache[:B] for cache in caches]
+            x = block.reverse(x, labels, caches, float(guidance))
         return x
+
+    def score_step(self, x, y, gamma):
+        """SimFlow's score step after guided sampling (SimFlow eq. 6), gradients of the exact log_prob by autograd:
+        x + gamma * (grad_x log p(x|y) - grad_x log p(x|null)). x: (B, N, d) samples from `reverse`; y: labels
+        (B,) or None. Works under torch.no_grad and inference mode; returns a detached tensor in the affine dtype."""
+        self._check(x, 'score_step')
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
+            raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")
+        y = self._labels(y, x.shape[0], x.device, 'score_step')
+        with torch.inference_mode(False), torch.enable_grad():
+            xx = x.detach().repeat(2, 1, 1).requires_grad_(True)  # one batch [x; x] with labels [y; null]
+            log_p = self.log_prob(xx, torch.cat([y, torch.full_like(y, self.null_label)]))
+            grad_c, grad_u = torch.autograd.grad(log_p.sum(), xx)[0].chunk(2)  # examples are independent
+        return (x.to(grad_c.dtype) + gamma * (grad_c - grad_u)).detach()
 
     def _compute_dtype(self, device):
         """The dtype the Transformer's keys and values come out in (autocast dtype if enabled)."""

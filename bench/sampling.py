@@ -2,15 +2,16 @@
 
     python bench/sampling.py                                  # CPU, small realistic config, CFG 1.5
     python bench/sampling.py --device cuda --dtype bfloat16 --width 1152 --head-dim 72 \\
-        --depths 2,2,2,2,2,36 --batch 64                       # paper-size flow on a GPU
+        --depths 2,2,2,2,2,46 --batch 64                       # paper-size flow (XXL) on a GPU
 
 The naive reference lives here, not in tarflow.py: it samples the same weights the way
 ml-tarflow does, growing each key/value cache by concatenation every step, recomputing the
 class modulation every step and running the conditional and null-label passes of CFG one
-after the other. Both paths run in the same process on the same prior noise; their outputs
-are compared. Prints one summary line and one JSON record. On CUDA it also prints the floor
-of a token step: bytes of weights and caches read over the measured copy bandwidth, and
-FLOPs over the measured bf16 matmul rate.
+after the other (in every block, or with --guide-blocks deep in the deep block only). Both
+paths run in the same process on the same prior noise; their outputs are compared. Prints one
+summary line and one JSON record. On CUDA it also prints the floor of a token step: bytes of
+weights and caches read over the measured copy bandwidth, and FLOPs over the measured bf16
+matmul rate.
 """
 
 import argparse
@@ -49,22 +50,23 @@ def naive_block_params(block, x_t, t, c, caches):
 
 
 @torch.no_grad()
-def naive_reverse(flow, z, y, w):
+def naive_reverse(flow, z, y, w, guide_blocks='all'):
     x = z.to(torch.promote_types(z.dtype, torch.float32))
     null = torch.full_like(y, flow.null_label)
-    for block in reversed(flow.blocks):
-        u = x.flip(1) if block.flip else x
+    for k, block in enumerate(reversed(flow.blocks)):
+        wk = w if k == 0 or guide_blocks == 'all' else 0.0  # 'deep': only the first block run is guided
+        u = block.permute(x)  # natural order -> the block's reading order
         x = u.clone()
         passes = [(F.silu(block.class_embed(y)), [dict(k=None, v=None) for _ in block.layers])]
-        if w > 0:
+        if wk > 0:
             passes.append((F.silu(block.class_embed(null)), [dict(k=None, v=None) for _ in block.layers]))
         for t in range(u.shape[1] - 1):
             outs = [naive_block_params(block, x[:, t:t + 1], t, c, caches) for c, caches in passes]
             (mu, alpha), sigma = outs[0], outs[0][1].exp()
-            if w > 0:
-                mu, sigma = guided_gaussian(mu, alpha, outs[1][0], outs[1][1], w)
+            if wk > 0:
+                mu, sigma = guided_gaussian(mu, alpha, outs[1][0], outs[1][1], wk)
             x[:, t + 1] = u[:, t + 1] * sigma + mu
-        x = x.flip(1) if block.flip else x
+        x = block.permute(x, inverse=True)
     return x
 
 
@@ -144,11 +146,11 @@ def main(args):
 
     def fast():
         with autocast:
-            return flow.reverse(z, y, guidance=args.cfg)
+            return flow.reverse(z, y, guidance=args.cfg, guide_blocks=args.guide_blocks)
 
     def naive():
         with autocast:
-            return naive_reverse(flow, z, y_naive, args.cfg)
+            return naive_reverse(flow, z, y_naive, args.cfg, args.guide_blocks)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -159,6 +161,7 @@ def main(args):
     rec = dict(
         device=str(device), dtype=args.dtype, compile=args.compile, width=args.width, depths=depths,
         head_dim=args.head_dim, tokens=args.tokens, channels=args.channels, batch=args.batch, cfg=args.cfg,
+        guide_blocks=args.guide_blocks,
         threads=torch.get_num_threads(),
         fast_s=t_fast, fast_images_per_s=args.batch / t_fast, fast_ms_per_token_step=1e3 * t_fast / steps,
         naive_s=t_naive, naive_images_per_s=args.batch / t_naive, naive_ms_per_token_step=1e3 * t_naive / steps,
@@ -194,6 +197,7 @@ def parse_args(argv=None):
     p.add_argument('--channels', type=int, default=32, help='d channels per token')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--cfg', type=float, default=1.5, help='guidance weight w (0: no CFG)')
+    p.add_argument('--guide-blocks', default='all', choices=['all', 'deep'], help='CFG in every block or the deep one')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float64'],

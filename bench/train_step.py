@@ -2,8 +2,8 @@
 
 flow: one train_flow.py step on compact tokens (B, N, d) (forward eq. 9, backward, grad clip,
       fused AdamW on CUDA, EMA), the frozen encoder excluded (it is measured by the src stage).
-src:  one train_src.py generator step without LPIPS/GAN (E frozen, noise, C_dec(C_enc), D, L1,
-      backward, AdamW, EMA) at the given SRC size, with a frozen D of --decoder-* size.
+src:  one train_src.py generator step without LPIPS/GAN (E frozen, eq. 7 noise, C_dec(C_enc), D, L1,
+      backward, AdamW, EMA) for --compressor at the given size, with a frozen D of --decoder-* size.
 
     python bench/train_step.py                                   # small CPU-friendly sizes
     python bench/train_step.py --device cuda --flow-model XXL --batch 64 --tokens 256 \\
@@ -64,7 +64,6 @@ def flow_step_fn(args, device, precision, compile_):
 
 def src_step_fn(args, device, precision, compile_):
     import rae
-    from src import SRC
     torch.manual_seed(0)
     grid = args.image_size // 16
     enc = rae.DINOv2(embed_dim=args.encoder_width, depth=args.encoder_depth, num_heads=max(1, args.encoder_width // 64),
@@ -74,20 +73,21 @@ def src_step_fn(args, device, precision, compile_):
                          patch_size=16, num_patches=grid * grid)
     model_rae = rae.RAE(enc, dec, image_size=args.image_size).to(device)
     model_rae.requires_grad_(False)
-    C = SRC(n=args.encoder_width, d=args.src_dim, depth=args.src_depth).to(device)
+    C = train_src.build_compressor(args, args.encoder_width).to(device)
     C_ema = copy.deepcopy(C).requires_grad_(False)
-    net = train_src.Reconstructor(model_rae, C)
+    net = common.Stage1(model_rae, C).to(device)  # the eq. 7 path (norm2 = identity)
     fwd = torch.compile(net) if compile_ else net
     opt = torch.optim.AdamW(C.parameters(), lr=2e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    raw_shape = (grid * grid, args.encoder_width)
 
     def step():
+        eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.8, per_example=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             with torch.no_grad():
                 z_raw = model_rae.encode_raw(x).float()
-            sigma = torch.rand(len(x), 1, 1, device=device) * 0.8
-            z = model_rae.normalize(z_raw + sigma * torch.randn_like(z_raw))
-            loss = (fwd(z).float() - x).abs().mean()
+            loss = (fwd(z_raw + eps).float() - x).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,11 +115,13 @@ def main(args):
                 rec = dict(bench="train_step", stage=stage, precision=precision, compile=compile_,
                            device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
                            batch=args.batch, tokens_per_example=n_tok // args.batch, params=n_params,
-                           model=args.flow_model if stage == "flow" else f"SRC n={args.encoder_width} d={args.src_dim} L={args.src_depth}",
+                           model=args.flow_model if stage == "flow" else
+                           f"{args.compressor} n={args.encoder_width} d={args.src_dim} L={args.src_depth}",
                            step_s=sec, steps_per_s=1 / sec, tokens_per_s=n_tok / sec, images_per_s=args.batch / sec,
                            memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-                print(f"{stage:4s} {rec['model']:>22s} {precision} {'compile' if compile_ else 'eager  '} batch {args.batch}: "
-                      f"{rec['steps_per_s']:.2f} steps/s, {rec['tokens_per_s']:.0f} tokens/s, {rec['images_per_s']:.1f} img/s")
+                mode = "compile" if compile_ else "eager  "
+                print(f"{stage:4s} {rec['model']:>22s} {precision} {mode} batch {args.batch}: {rec['steps_per_s']:.2f} "
+                      f"steps/s, {rec['tokens_per_s']:.0f} tokens/s, {rec['images_per_s']:.1f} img/s")
                 print(json.dumps(rec))
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -138,6 +140,7 @@ if __name__ == "__main__":
     p.add_argument("--encoder-depth", type=int, default=2, help="src: DINOv2 depth")
     p.add_argument("--decoder-width", type=int, default=72, help="src: RAE decoder width")
     p.add_argument("--decoder-depth", type=int, default=2, help="src: RAE decoder depth")
+    p.add_argument("--compressor", default="src", choices=["src", "linear"], help="src: the trained compressor")
     p.add_argument("--src-dim", type=int, default=32, help="src: d")
     p.add_argument("--src-depth", type=int, default=4, help="src: L")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")

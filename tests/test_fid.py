@@ -1,10 +1,10 @@
-"""fid.py: the FID Inception graph against an independent functional computation, the metrics
-against closed forms and brute force, CLI = Python API (one process and torchrun), bad input."""
+"""fid.py: the FID Inception graph and TF1's resize against independent implementations, pytorch-fid's
+preprocessing against pytorch-fid itself, the metrics against closed forms and brute force, ADM reference
+batches (stored statistics), CLI = Python API (one process and torchrun), bad input."""
 
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from scipy import linalg
 from scipy.spatial.distance import cdist
 
 import fid
@@ -57,9 +58,9 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sparse_weights(weights):
     """The same network with all but 3 pool3 channels switched off (large negative BN shifts in
-    Mixed_7c). With few images the covariances are singular whatever the weights; confined to 3
-    channels they stay real-diagonalisable, which keeps scipy's 2048x2048 sqrtm on its fast
-    real path (seconds instead of a minute) for the tests that compute a full FID."""
+    Mixed_7c) and the sFID tap (Mixed_6d's first 7 channels) off entirely. With few images the
+    covariances are singular whatever the weights; confined to 3 channels (or zero) they keep
+    scipy's sqrtm on its real path (seconds instead of a minute) for tests of a full FID / sFID."""
     sd = dict(weights[0])
     for name in ("branch1x1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_3a",
                  "branch3x3dbl_3b", "branch_pool"):
@@ -67,6 +68,8 @@ def sparse_weights(weights):
         if name == "branch1x1":
             bias[:3] = 0.5
         sd[f"Mixed_7c.{name}.bn.bias"] = bias
+    sd["Mixed_6d.branch1x1.bn.bias"] = sd["Mixed_6d.branch1x1.bn.bias"].clone()
+    sd["Mixed_6d.branch1x1.bn.bias"][:7] = -1e4
     path = weights[1].with_name("sparse.pth")
     torch.save(sd, path)
     return path
@@ -136,11 +139,12 @@ def block_e(x, sd, p, max_pool):
                       conv(pooled, sd, p + "branch_pool")], 1)
 
 
-def reference_inception(images01, sd):
+def reference_inception(x, sd):
+    """The graph on its 299x299 input -> pool3, logits and the sFID tap: Mixed_6d's 1x1 branch (TF's
+    mixed_6/conv: blocks mixed, mixed_1, ... are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d), first 7 channels,
+    flattened in H, W, C order as TF's NHWC tensor."""
     sd = {k: v.double() for k, v in sd.items()}
-    x = F.interpolate(images01.double(), size=(299, 299), mode="bilinear", align_corners=False)
-    x = 2 * x - 1
-    x = conv(x, sd, "Conv2d_1a_3x3", stride=2, same=False)
+    x = conv(x.double(), sd, "Conv2d_1a_3x3", stride=2, same=False)
     x = conv(x, sd, "Conv2d_2a_3x3", same=False)
     x = F.max_pool2d(conv(x, sd, "Conv2d_2b_3x3"), 3, 2)
     x = conv(conv(x, sd, "Conv2d_3b_1x1"), sd, "Conv2d_4a_3x3", same=False)
@@ -149,13 +153,40 @@ def reference_inception(images01, sd):
         x = block_a(x, sd, name + ".")
     x = block_b(x, sd, "Mixed_6a.")
     for name in ("Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
+        if name == "Mixed_6d":
+            tap = conv(x, sd, "Mixed_6d.branch1x1")[:, :7]
+            assert tap.shape[1:] == (7, 17, 17)
+            spatial = tap.permute(0, 2, 3, 1).reshape(len(x), -1)
         x = block_c(x, sd, name + ".")
     x = block_d(x, sd, "Mixed_7a.")
     x = block_e(x, sd, "Mixed_7b.", max_pool=False)
     x = block_e(x, sd, "Mixed_7c.", max_pool=True)
     assert x.shape[-2:] == (8, 8)
     pool = F.avg_pool2d(x, 8).flatten(1)                 # pool_3
-    return pool, pool @ sd["fc.weight"].T               # softmax/logits/MatMul (no bias)
+    return pool, pool @ sd["fc.weight"].T, spatial      # softmax/logits/MatMul (no bias)
+
+
+def tf_resize_reference(images, out_h, out_w):
+    """TF1 legacy ResizeBilinear written from its definition, one output pixel at a time: with the
+    float32 scale in / out (TF's CalculateResizeScale), source y = float32(i) * scale, rows floor(y)
+    and min(floor(y) + 1, in - 1), weight y - floor(y); the same along x; interpolate along x
+    within the two rows, then between them. images: (B, C, H, W) numpy, computed in float64."""
+    img = np.asarray(images, np.float64)
+    in_h, in_w = img.shape[-2:]
+    out = np.empty(img.shape[:2] + (out_h, out_w))
+    sy, sx = np.float32(in_h) / np.float32(out_h), np.float32(in_w) / np.float32(out_w)
+    for i in range(out_h):
+        y = float(np.float32(i) * sy)
+        y0 = math.floor(y)
+        y1, wy = min(y0 + 1, in_h - 1), y - y0
+        for j in range(out_w):
+            x = float(np.float32(j) * sx)
+            x0 = math.floor(x)
+            x1, wx = min(x0 + 1, in_w - 1), x - x0
+            top = img[:, :, y0, x0] + (img[:, :, y0, x1] - img[:, :, y0, x0]) * wx
+            bottom = img[:, :, y1, x0] + (img[:, :, y1, x1] - img[:, :, y1, x0]) * wx
+            out[:, :, i, j] = top + (bottom - top) * wy
+    return out
 
 
 def rel_err(a, b):
@@ -166,7 +197,8 @@ def test_inception_matches_independent_graph(weights):
     sd, path = weights
     torch.manual_seed(0)
     images = torch.rand(1, 3, 48, 40)                    # non-square, resized to 299 inside
-    ref_pool, ref_logits = reference_inception(images, sd)
+    x = 2 * F.interpolate(images.double(), size=(299, 299), mode="bilinear", align_corners=False) - 1
+    ref_pool, ref_logits, _ = reference_inception(x, sd)
     assert ref_pool.std() > 1e-3 and ref_logits.std() > 1e-3
     folded = fid.load_inception(path)                    # BN folded into the convs
     plain = fid.load_inception(path, fold=False)         # the checkpoint's own layout
@@ -182,6 +214,25 @@ def test_inception_matches_independent_graph(weights):
         assert rel_err(folded(images)[0], ref_pool) > 1e-3
 
 
+def test_adm_protocol_and_sfid_tap_match_independent_graph(weights):
+    """uint8 -> float 0..255 -> TF1 resize (the reference above) -> (x - 128) / 128 -> the graph: pool3,
+    logits and the 2023-dim spatial features of `features`, as the float64 functional graph."""
+    sd, path = weights
+    u8 = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 48, 40), dtype=np.uint8))
+    x = (torch.from_numpy(tf_resize_reference(u8.numpy(), 299, 299)) - 128) / 128
+    ref_pool, ref_logits, ref_spatial = reference_inception(x, sd)
+    assert ref_spatial.shape == (1, 2023) and ref_spatial.std() > 1e-3
+    assert torch.allclose(fid.preprocess(u8, "adm").double(), x, atol=1e-5)
+    with torch.inference_mode():
+        for model in (fid.load_inception(path), fid.load_inception(path, fold=False)):
+            pool, logits, spatial = model.features(fid.preprocess(u8))
+            assert rel_err(pool, ref_pool) < 1e-4 and rel_err(logits, ref_logits) < 1e-4
+            assert spatial.shape == (1, 2023) and rel_err(spatial, ref_spatial) < 1e-4
+        # The two protocols differ (resize and scaling): a real choice, not a relabelling.
+        other = model.features(fid.preprocess(u8, "pytorch-fid"))[0]
+    assert rel_err(other, ref_pool) > 1e-3
+
+
 def test_random_init_and_batch_consistency():
     torch.manual_seed(0)
     model = fid.InceptionV3().eval()
@@ -193,6 +244,58 @@ def test_random_init_and_batch_consistency():
     assert rel_err(one, pool[1:2]) < 1e-4
 
 
+# ------------------------------------------------------------------------------------------------
+# TF1 legacy resize (the adm protocol) and pytorch-fid's preprocessing (the pytorch-fid protocol).
+
+@pytest.mark.parametrize("shape,size", [((256, 256), 299), ((64, 64), 299), ((512, 512), 299),
+                                        ((128, 96), 299), ((128, 96), (50, 70))])
+def test_tf_bilinear_resize_matches_tf_definition(shape, size):
+    rng = np.random.default_rng(shape[0] + shape[1])
+    images = rng.integers(0, 256, (1, 2) + shape).astype(np.float64) - 100   # any value range
+    out = (size, size) if isinstance(size, int) else size
+    expected = tf_resize_reference(images, *out)
+    got = fid.tf_bilinear_resize(torch.from_numpy(images), size)
+    assert got.shape == (1, 2) + out and got.dtype == torch.float64
+    assert np.abs(got.numpy() - expected).max() < 1e-9
+    got32 = fid.tf_bilinear_resize(torch.from_numpy(images).float(), size)
+    assert np.abs(got32.double().numpy() - expected).max() < 1e-3
+    # Not torch's half-pixel-centred bilinear (align_corners=False): a different resize.
+    torch_resized = F.interpolate(torch.from_numpy(images), size=out, mode="bilinear", align_corners=False)
+    assert (torch_resized - got).abs().max() > 1
+
+
+def test_tf_bilinear_resize_by_hand():
+    """s = i * in / out, no half-pixel shift, the right neighbour clamped at the border."""
+    row = torch.tensor([[[[0.0, 10.0, 20.0]]]])
+    up = fid.tf_bilinear_resize(row, (1, 5))               # s = 0, 0.6, 1.2, 1.8, 2.4
+    assert torch.allclose(up.flatten(), torch.tensor([0.0, 6.0, 12.0, 18.0, 20.0]))
+    down = fid.tf_bilinear_resize(torch.tensor([[[[0.0, 10.0, 20.0, 30.0]]]]), (1, 3))   # s = 0, 4/3, 8/3
+    assert torch.allclose(down.flatten(), torch.tensor([0.0, 40 / 3, 80 / 3]))
+    with pytest.raises(ValueError, match="float"):
+        fid.tf_bilinear_resize(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), 8)
+
+
+def test_pytorch_fid_protocol_matches_pytorch_fid(weights, monkeypatch):
+    """pytorch-fid itself (a test-only peer) with our random weights: its resize and 2x - 1 equal
+    `preprocess(..., "pytorch-fid")` bit for bit, and its pool3 equals ours on that protocol."""
+    pfid = pytest.importorskip("pytorch_fid.inception")
+    sd, path = weights
+    monkeypatch.setattr(pfid, "load_state_dict_from_url", lambda *a, **k: sd)
+    theirs = pfid.InceptionV3([pfid.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    u8 = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 48, 40), dtype=np.uint8))
+    images01 = u8.float() / 255                             # pytorch-fid's ToTensor
+    blocks, theirs.blocks = theirs.blocks, torch.nn.ModuleList([torch.nn.Identity()])
+    theirs.output_blocks, theirs.last_needed_block = [0], 0
+    with torch.inference_mode():
+        their_input = theirs(images01)[0]
+        assert torch.equal(fid.preprocess(u8, "pytorch-fid"), their_input)
+        theirs.blocks, theirs.output_blocks, theirs.last_needed_block = blocks, [3], 3
+        their_pool = theirs(images01)[0].flatten(1)
+        model = fid.load_inception(path)
+        ours = fid.extract_features(model, fid.ArrayImages(u8.permute(0, 2, 3, 1).numpy()), batch_size=2,
+                                    progress=False, protocol="pytorch-fid")[0]
+        assert rel_err(torch.from_numpy(ours), their_pool) < 1e-4
+        assert rel_err(model(images01)[0], their_pool) < 1e-4      # forward keeps this meaning
 # ------------------------------------------------------------------------------------------------
 # Metrics.
 
@@ -280,16 +383,35 @@ def test_precision_recall_matches_brute_force(k, block):
     assert fid.precision_recall(ref, ref, k=k, block=block) == (1.0, 1.0)
 
 
-# ------------------------------------------------------------------------------------------------
-# Inputs, CLI = API, torchrun, errors.
 
-def write_pngs(folder, n, seed, size=32, high=256):
+
+def test_frechet_distance_is_clamped_at_zero():
+    """Identical inputs: the exact value is 0, but sqrtm's rounding can leave a tiny negative one."""
+    rng = np.random.default_rng(0)
+    for seed in range(50):
+        f = np.random.default_rng(seed).standard_normal((40, 12))
+        mu, sigma = f.mean(0), np.cov(f, rowvar=False)
+        raw = 2 * np.trace(sigma) - 2 * np.trace(linalg.sqrtm(sigma @ sigma).real)   # unclamped
+        if raw < 0:
+            break
+    assert raw < 0, "no input with a negative unclamped value found"
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
+    mu2 = mu + 1e-3 * rng.standard_normal(12)
+    assert fid.frechet_distance(mu, sigma, mu2, sigma) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs, ADM reference batches, CLI = API, torchrun, errors.
+
+def write_pngs(folder, n, seed, size=32, high=256, same=False):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
+    pixels = rng.integers(0, high, (size, size, 3), dtype=np.uint8)
     for i in range(n):
         sub = folder / ("a" if i % 2 else "b")              # recursive search
         sub.mkdir(exist_ok=True)
-        pixels = rng.integers(0, high, (size, size, 3), dtype=np.uint8)
+        if not same:
+            pixels = rng.integers(0, high, (size, size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(sub / f"{i}.png")
     return folder
 
@@ -307,6 +429,26 @@ def run_cli(*args, torchrun=False, wait=True):
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def block_fd(mu1, s1, mu2, s2, dims):
+    """Fréchet distance of covariances that vanish outside `dims`, by a symmetric square root:
+    tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2."""
+    a, b = s1[np.ix_(dims, dims)], s2[np.ix_(dims, dims)]
+    assert np.allclose(np.delete(s1, dims, 0), 0) and np.allclose(np.delete(s2, dims, 0), 0)
+    w, v = np.linalg.eigh(a)
+    r = v @ np.diag(np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(r @ b @ r), 0, None)).sum()
+    return np.sum((mu1 - mu2) ** 2) + np.trace(a) + np.trace(b) - 2 * tr_covmean
+
+
+def zero_cov_fd_bounds(mu1, sigma1, mu2, eps=1e-6):
+    """The Fréchet distance to statistics (mu2, 0): ||mu1 - mu2||^2 + tr S1 when scipy's sqrtm of the zero
+    product is finite (0); scipy versions that find it singular take the ADM fallback (eps on both diagonals),
+    which lowers it by 2 sqrt(eps) sum_i sqrt(lambda_i(S1) + eps). -> (low, high)."""
+    high = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1)
+    lam = np.clip(np.linalg.eigvalsh(sigma1), 0, None)
+    return high - 2 * np.sqrt(eps) * np.sqrt(lam + eps).sum(), high
+
+
 def test_sources_folder_and_npz_agree(weights, tmp_path):
     _, path = weights
     folder = write_pngs(tmp_path / "imgs", 3, seed=1)
@@ -315,68 +457,134 @@ def test_sources_folder_and_npz_agree(weights, tmp_path):
     np.savez(tmp_path / "imgs.npz", arr_0=arr)              # stored: read by memory map
     np.savez_compressed(tmp_path / "imgs_c.npz", arr_0=arr)  # deflated: loaded
     model = fid.load_inception(path)
-    feats = [fid.extract_features(model, fid.open_source(p)[1], batch_size=2, progress=False)
+    feats = [fid.extract_features(model, fid.open_source(p)[0], batch_size=2, progress=False)
              for p in (folder, tmp_path / "imgs.npz", tmp_path / "imgs_c.npz")]
-    kind, src = fid.open_source(tmp_path / "imgs.npz")
-    assert kind == "images" and isinstance(src.array, np.memmap)
-    copy = pickle.loads(pickle.dumps(src))                  # as sent to data-loader workers
-    assert isinstance(copy.array, np.memmap) and np.array_equal(copy.array, arr)
-    for pool, logits in feats[1:]:
-        assert np.array_equal(pool, feats[0][0]) and np.array_equal(logits, feats[0][1])
-    # The features are the model's, image by image.
+    images, stats = fid.open_source(tmp_path / "imgs.npz")
+    assert stats is None and isinstance(images.array, np.memmap) and np.array_equal(images.array, arr)
+    for other in feats[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(other, feats[0]))
+    # The features are the model's on the adm protocol, image by image.
     with torch.inference_mode():
-        direct = model(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255)[0]
-    assert rel_err(torch.from_numpy(feats[0][0]), direct) < 1e-5
-    # Images of different sizes in one batch: each is resized to 299 first, same features.
+        direct = model.features(fid.preprocess(torch.from_numpy(arr).permute(0, 3, 1, 2)))
+    for got, want, dim in zip(feats[0], direct, (2048, 1008, 2023)):
+        assert got.shape == (3, dim) and rel_err(torch.from_numpy(got), want) < 1e-5
+    # Images of different sizes in one batch: each is preprocessed alone, same features.
     Image.fromarray(arr[0, :20]).save(folder / "b" / "short.png")
     mixed = fid.ImageFiles(folder)
-    pool, _ = fid.extract_features(model, mixed, batch_size=4, progress=False)
+    pool, _, _ = fid.extract_features(model, mixed, batch_size=4, progress=False)
     with torch.inference_mode():
-        one = model(torch.from_numpy(arr[0, :20].copy()).permute(2, 0, 1)[None].float() / 255)[0]
+        one = model.features(fid.preprocess(torch.from_numpy(arr[0, :20].copy()).permute(2, 0, 1)[None]))[0]
     k = mixed.files.index(folder / "b" / "short.png")
     assert rel_err(torch.from_numpy(pool[k:k + 1]), one) < 1e-5
     assert rel_err(torch.from_numpy(np.delete(pool, k, 0)), torch.from_numpy(feats[0][0])) < 1e-5
-    # Statistics files round-trip.
+    # An npz of statistics only.
     mu, sigma = fid.statistics(feats[0][0])
-    fid.save_stats(tmp_path / "s.npz", mu, sigma)
-    kind, (mu2, sigma2) = fid.open_source(tmp_path / "s.npz")
-    assert kind == "stats" and np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2)
+    np.savez(tmp_path / "s.npz", mu=mu, sigma=sigma)
+    images, stats = fid.open_source(tmp_path / "s.npz")
+    assert images is None and sorted(stats) == ["mu", "sigma"]
+    assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
 
 
-def test_cli_equals_api(sparse_weights, tmp_path):
-    path = sparse_weights
-    ref = write_pngs(tmp_path / "ref", 5, seed=2)
-    gen = write_pngs(tmp_path / "gen", 4, seed=3, high=100)    # darker: a clearly nonzero FID
+def test_adm_reference_batch_uses_stored_statistics(sparse_weights, tmp_path):
+    """An ADM-style batch: arr_0 images plus stored mu/sigma/mu_s/sigma_s that differ from them. FID and
+    sFID come from the stored statistics, precision/recall from arr_0; --ref-stats images recomputes."""
+    model = fid.load_inception(sparse_weights)              # pool3 lives on channels 0-2, no sFID tap
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mu, mu_s = rng.standard_normal(2048), rng.standard_normal(2023)
+    sigma, m = np.zeros((2048, 2048)), rng.standard_normal((3, 3))
+    sigma[:3, :3] = m @ m.T + 0.1 * np.eye(3)
+    sigma_s = np.diag(rng.uniform(0.5, 2, 2023))
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=arr, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    gen = fid.load_features(write_pngs(tmp_path / "gen", 4, seed=8, high=120), model, progress=False)
+    pool, spatial = gen["pool"], fid.extract_features(model, fid.ImageFiles(tmp_path / "gen"), progress=False)[2]
+    assert not spatial.any()                                 # see sparse_weights
+    mu_g, sigma_g = fid.statistics(pool)
+    ref = fid.load_features(tmp_path / "VIRTUAL_ref.npz", model, progress=False)   # extracted once, reused
+    assert ref["stats"][0] is not None and np.array_equal(ref["stats"][0], mu) and len(ref["pool"]) == 4
+    stored = fid.evaluate(ref, gen)
+    assert stored["fid"] == pytest.approx(block_fd(mu_g, sigma_g, mu, sigma, [0, 1, 2]), rel=1e-6)
+    low, high = zero_cov_fd_bounds(mu_s, sigma_s, np.zeros(2023))
+    assert low - 1e-9 * high <= stored["sfid"] <= high * (1 + 1e-9)
+    assert (stored["precision"], stored["recall"]) == fid.precision_recall(ref["pool"], pool)
+    assert stored["num_ref"] == 4 and stored["num_gen"] == 4
+    recomputed = fid.evaluate(tmp_path / "VIRTUAL_ref.npz", gen, model, ref_stats="images", progress=False)
+    mu_r, sigma_r = fid.statistics(ref["pool"])
+    assert recomputed["fid"] == pytest.approx(block_fd(mu_g, sigma_g, mu_r, sigma_r, [0, 1, 2]), rel=1e-6)
+    assert recomputed["sfid"] == 0.0                         # no sFID tap on either side (clamped at 0)
+    assert abs(recomputed["fid"] - stored["fid"]) > 1 and stored["sfid"] > 1
+    assert (recomputed["precision"], recomputed["recall"]) == (stored["precision"], stored["recall"])
+    with pytest.raises(ValueError, match="protocol"):
+        fid.evaluate(ref, gen, protocol="pytorch-fid")
+
+
+def test_cli_equals_api(weights, tmp_path):
+    """REF holds one image four times: its covariances are exactly zero, so FID and sFID have a closed form
+    (zero_cov_fd_bounds) and scipy's sqrtm stays on its fast path."""
+    _, path = weights
+    ref = write_pngs(tmp_path / "ref", 4, seed=2, same=True)
+    gen = write_pngs(tmp_path / "gen", 4, seed=3, high=100)
     cli = run_cli(ref, gen, "--weights", path, "--batch-size", "4", "--json", tmp_path / "m.json",
                   wait=False)                               # the API side runs meanwhile
     model = fid.load_inception(path)
-    pr, lr = fid.extract_features(model, fid.ImageFiles(ref), batch_size=3, progress=False)
-    pg, lg = fid.extract_features(model, fid.ImageFiles(gen), batch_size=3, progress=False)
-    assert np.count_nonzero(pr.any(0)) == 3                 # see sparse_weights
-    api_fid = fid.frechet_distance(*fid.statistics(pg), *fid.statistics(pr))
+    pr, lr, sr = fid.extract_features(model, fid.ImageFiles(ref), batch_size=4, progress=False)
+    pg, lg, sg = fid.extract_features(model, fid.ImageFiles(gen), batch_size=4, progress=False)
+    bounds = {}
+    for key, f_ref, f_gen in (("FID", pr, pg), ("sFID", sr, sg)):
+        (mu_r, sigma_r), (mu_g, sigma_g) = fid.statistics(f_ref), fid.statistics(f_gen)
+        assert not sigma_r.any()
+        bounds[key] = zero_cov_fd_bounds(mu_g, sigma_g, mu_r)
     stdout, stderr = cli.communicate(timeout=300)
     assert cli.returncode == 0, stderr
     printed = dict(line.split(": ") for line in stdout.strip().splitlines())
-    assert api_fid > 1e-3 and float(printed["FID"]) == pytest.approx(api_fid, rel=1e-5)
+    assert list(printed) == ["FID", "sFID", "IS", "Precision", "Recall"]
+    for key, (low, high) in bounds.items():
+        assert low * (1 - 1e-5) <= float(printed[key]) <= high * (1 + 1e-5) and low > 1e-3
     assert float(printed["IS"]) == pytest.approx(fid.inception_score(lg), rel=1e-5)
     assert (float(printed["Precision"]), float(printed["Recall"])) == fid.precision_recall(pr, pg)
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["fid"] == float(printed["FID"]) and metrics["num_gen"] == 4
+    assert metrics["fid"] == float(printed["FID"]) and metrics["sfid"] == float(printed["sFID"])
+    assert metrics["num_gen"] == 4 and metrics["protocol"] == "adm" and metrics["ref_stats"] == "stored"
 
 
 def test_torchrun_split_gathers_the_same_statistics(weights, tmp_path):
     _, path = weights
     folder = write_pngs(tmp_path / "imgs", 3, seed=4)        # 3 images over 2 ranks: 2 + 1
-    out = run_cli("--save-stats", folder, tmp_path / "s.npz", "--weights", path,
-                  "--batch-size", "2", torchrun=True)
+    out = run_cli("--save-stats", folder, tmp_path / "s.npz", "--weights", path, "--batch-size", "2",
+                  "--device", "cpu", torchrun=True)          # gloo: also where a single GPU is visible
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("saved statistics") == 1        # rank 0 only
-    kind, (mu, sigma) = fid.open_source(tmp_path / "s.npz")
-    pool, _ = fid.extract_features(fid.load_inception(path), fid.ImageFiles(folder), progress=False)
-    mu1, sigma1 = fid.statistics(pool)
-    # Same features up to float32 summation order (1 thread per rank here).
-    assert np.allclose(mu, mu1, rtol=1e-5, atol=1e-6 * np.abs(mu1).max())
-    assert np.allclose(sigma, sigma1, rtol=1e-4, atol=1e-5 * np.abs(sigma1).max())
+    with np.load(tmp_path / "s.npz") as saved:
+        assert sorted(saved.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+        saved = dict(saved)
+    pool, _, spatial = fid.extract_features(fid.load_inception(path), fid.ImageFiles(folder), progress=False)
+    for features, names in ((pool, ("mu", "sigma")), (spatial, ("mu_s", "sigma_s"))):
+        (mu, sigma), (mu1, sigma1) = (saved[k] for k in names), fid.statistics(features)
+        # Same features up to float32 summation order (1 thread per rank here).
+        assert np.allclose(mu, mu1, rtol=1e-5, atol=1e-6 * np.abs(mu1).max())
+        assert np.allclose(sigma, sigma1, rtol=1e-4, atol=1e-5 * np.abs(sigma1).max())
+    images, stats = fid.open_source(tmp_path / "s.npz")     # and fid.py reads the file back
+    assert images is None and sorted(stats) == ["mu", "mu_s", "sigma", "sigma_s"]
+
+
+def test_load_inception_accepts_missing_batch_counters_and_refuses_others(weights, tmp_path):
+    sd, path = weights
+    old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}   # as older PyTorch saved
+    assert len(old) < len(sd)
+    torch.save(old, tmp_path / "old.pth")
+    x = fid.preprocess(torch.zeros(1, 3, 299, 299, dtype=torch.uint8) + 100)
+    with torch.inference_mode():
+        a, b = fid.load_inception(path), fid.load_inception(tmp_path / "old.pth")
+        assert all(torch.equal(u, v) for u, v in zip(a.features(x), b.features(x)))
+    cases = [({k: v for k, v in sd.items() if k != "fc.weight"}, "fc.weight"),
+             (dict(sd, **{"fc.weight": torch.zeros(1000, 2048)}), "fc.weight has shape"),
+             (dict(sd, **{"AuxLogits.fc.weight": torch.zeros(1000, 768)}), "torchvision's ImageNet Inception")]
+    for bad, needle in cases:
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=needle):
+            fid.load_inception(tmp_path / "bad.pth")
+    with pytest.raises(FileNotFoundError, match="pt_inception"):
+        fid.load_inception(tmp_path / "missing.pth")
 
 
 def test_errors_are_one_line(weights, tmp_path, capsys):
@@ -386,6 +594,9 @@ def test_errors_are_one_line(weights, tmp_path, capsys):
     bad = write_pngs(tmp_path / "bad", 1, seed=6)
     (bad / "b" / "broken.png").write_bytes(b"not a png")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    np.savez(tmp_path / "small.npz", mu=np.zeros(5), sigma=np.eye(5))
+    np.savez(tmp_path / "half.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2023))
     cases = [
         ([good, good, "--weights", tmp_path / "missing.pth"], "missing.pth"),
         ([tmp_path / "empty", good, "--weights", path], "no images"),
@@ -393,14 +604,16 @@ def test_errors_are_one_line(weights, tmp_path, capsys):
         ([good, tmp_path / "other.npz", "--weights", path], "arr_0"),
         ([good, tmp_path / "nowhere", "--weights", path], "nowhere"),
         ([good, good, "--weights", tmp_path / "other.npz"], "other.npz"),
+        ([tmp_path / "small.npz", good, "--weights", path], "small.npz: mu (5,)"),
+        ([tmp_path / "half.npz", good, "--weights", path], "half.npz: expected arr_0"),
+        ([tmp_path / "stats.npz", good, "--weights", path, "--ref-stats", "images"], "stats.npz: holds only"),
+        (["--save-stats", tmp_path / "stats.npz", tmp_path / "out.npz", "--weights", path], "stats.npz: holds only"),
     ]
     for args, needle in cases:
         assert fid.main([str(a) for a in args] + ["--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
-    bad_layout = {k: v for k, v in random_fid_weights().items() if k != "fc.weight"}
-    torch.save(bad_layout, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="fc.weight"):
-        fid.load_inception(tmp_path / "bad.pth")
-    with pytest.raises(FileNotFoundError, match="pt_inception"):
-        fid.load_inception(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="protocol"):
+        fid.preprocess(torch.zeros(1, 3, 8, 8), "tf")
+    with pytest.raises(ValueError, match="stats"):
+        fid.load_features(good, None, stats="both")

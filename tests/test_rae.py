@@ -1,5 +1,6 @@
 """rae.py: DINOv2 in three checkpoint layouts against an independent computation, the RAE decoder against an
-independent computation, stat.pt layouts, noise modes (eq. 6-8), normalization (eq. 1) and refusals.
+independent computation, stat.pt layouts (with and without a mean), channel statistics and normalization (eq. 1),
+the encoder noise of eq. 7/8 (drawn by common.encoder_noise) through normalization, configs and refusals.
 
 Weights are small and random but written in the real file formats with the real 37x37 position grid
 (518 px checkpoints) and the real 256 -> 224 resize."""
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import rae
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -284,6 +286,24 @@ def test_dinov2_state_dict_is_the_official_layout(tmp_path):
             assert torch.allclose(rae.load_dinov2(tmp_path / "m.pth")(x), model.eval()(x), atol=1e-6)
 
 
+def test_dinov2_config_rebuilds_the_encoder(dinov2_files, tmp_path):
+    """config() records what E was built with: it rebuilds the same network and tells encoders apart."""
+    sd, tmp, x, ref, official = dinov2_files
+    enc = rae.load_dinov2(tmp / "official.pth")
+    rebuilt = rae.DINOv2(**enc.config())
+    rebuilt.load_state_dict(enc.state_dict(), strict=True)
+    assert rebuilt.config() == enc.config()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), official)
+    cfg = enc.config()
+    assert cfg == dict(embed_dim=128, depth=2, num_heads=2, patch_size=14, num_registers=cfg["num_registers"],
+                       pos_grid=37, init_values=1.0, mlp_ratio=4.0)
+    sd_other = official_state_dict(dim=64, depth=1, registers=cfg["num_registers"], layerscale=False)
+    torch.save(sd_other, tmp_path / "o.pth")
+    other = rae.load_dinov2(tmp_path / "o.pth").config()
+    assert other != cfg and other["init_values"] is None and other["num_registers"] == cfg["num_registers"]
+
+
 def test_block_submodule_names():
     assert set(rae.Block(64, 1).state_dict()) == {
         "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
@@ -471,7 +491,7 @@ def test_rae_decoder_default_heads_and_refusals(tmp_path):
     torch.save({"model": rae_decoder_state_dict(), "ema": rae_decoder_state_dict()}, tmp_path / "train.pt")
     with pytest.raises(ValueError) as e:
         rae.load_rae_decoder(tmp_path / "train.pt", num_heads=2)
-    one_line_error(e, tmp_path / "train.pt")
+    assert "training checkpoint" in one_line_error(e, tmp_path / "train.pt")
 
 
 # -----------------------------------------------------------------------------
@@ -506,39 +526,75 @@ def test_encode_decode_shapes_and_resize_256_to_224(tiny_rae):
         m.encode(torch.rand(1, 3, 224, 224))
 
 
+def test_decoder_patch_size_comes_from_the_decoder(tmp_path):
+    """A decoder with 8 px patches (not RAE's 16): 128 px images are 16x16 tokens, the encoder sees 16 * 14 = 224."""
+    torch.save(official_state_dict(dim=64, depth=1, registers=4, seed=5), tmp_path / "dinov2.pth")
+    sd = rae_decoder_state_dict(in_dim=64, hidden=64, depth=1, mlp=128, patch=8, grid=16)
+    torch.save(sd, tmp_path / "model.pt")
+    dec = rae.load_rae_decoder(tmp_path / "model.pt", num_heads=2)
+    assert (dec.patch_size, dec.num_patches, dec.grid) == (8, 256, 16)
+    m = rae.RAE(rae.load_dinov2(tmp_path / "dinov2.pth"), dec, image_size=128)
+    assert m.encoder_size == 224
+    with torch.no_grad():
+        z = m.encode(torch.rand(1, 3, 128, 128))
+        out = m.decode(z)
+    assert z.shape == (1, 256, 64) and out.shape == (1, 3, 128, 128)
+    assert rel_err((out - MEAN) / STD, reference_decoder(sd, m.denormalize(z), heads=2)) < 1e-4
+    with pytest.raises(ValueError, match="decoder reads 256 tokens"):
+        rae.RAE(m.encoder, dec, image_size=256)
+
+
 def test_stat_pt_layouts(tiny_rae, tmp_path):
+    """stat.pt with a mean (C,), (C,1,1), (C,H,W), and without one (missing or None: RAE's DINOv2-B release holds only
+    var (768, 16, 16)), against RAE's own normalization in (B, C, H, W) with a zero mean where there is none."""
     m = tiny_rae
     C, Hs = 64, 16
     g = torch.Generator().manual_seed(0)
     z_raw = torch.randn(2, Hs * Hs, C, generator=g)
     mean_chw, var_chw = torch.randn(C, Hs, Hs, generator=g), torch.rand(C, Hs, Hs, generator=g) + 0.5
-    for mean, var in ((mean_chw[:, 0, 0], var_chw[:, 0, 0]), (mean_chw[:, :1, :1], var_chw[:, :1, :1]),
-                      (mean_chw, var_chw)):
-        torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    zero = torch.zeros(C, 1, 1)
+    layouts = [({"mean": mean_chw[:, 0, 0], "var": var_chw[:, 0, 0]}, mean_chw[:, :1, :1], var_chw[:, :1, :1]),
+               ({"mean": mean_chw[:, :1, :1], "var": var_chw[:, :1, :1]}, mean_chw[:, :1, :1], var_chw[:, :1, :1]),
+               ({"mean": mean_chw, "var": var_chw}, mean_chw, var_chw),
+               ({"var": var_chw}, zero, var_chw),
+               ({"mean": None, "var": var_chw}, zero, var_chw),
+               ({"var": var_chw[:, 0, 0]}, zero, var_chw[:, :1, :1]),
+               ({"var": torch.full((C,), 1e-5)}, zero, torch.full((C, 1, 1), 1e-5))]   # here eq. 1's eps matters
+    for stats, mean, var in layouts:
+        torch.save(stats, tmp_path / "stat.pt")
         m.load_stats(tmp_path / "stat.pt")
         # RAE normalizes in (B, C, H, W): tokens -> transpose -> view(b, c, h, w), row-major.
         z2d = z_raw.transpose(1, 2).reshape(2, C, Hs, Hs)
-        mean, var = (t.reshape(C, 1, 1) if t.dim() == 1 else t for t in (mean, var))
         expected = ((z2d - mean) / torch.sqrt(var + 1e-5)).reshape(2, C, Hs * Hs).transpose(1, 2)
-        assert torch.allclose(m.normalize(z_raw), expected, atol=1e-5)
-    assert m.mean.shape == (256, 64) and m.mean[5 * 16 + 3, 7] == mean_chw[7, 5, 3]
+        assert torch.allclose(m.normalize(z_raw), expected, atol=1e-5), list(stats)
+        assert torch.allclose(m.denormalize(expected), z_raw, atol=1e-5)
+        if stats.get("mean") is None:
+            assert not m.mean.any()
+        if stats["var"].dim() == 3 and stats["var"].shape[1] > 1:     # per position: token 5*16+3 is (row 5, col 3)
+            assert m.var.shape == (256, 64) and m.var[5 * 16 + 3, 7] == var_chw[7, 5, 3]
+            if stats.get("mean") is not None:
+                assert m.mean.shape == (256, 64) and m.mean[5 * 16 + 3, 7] == mean_chw[7, 5, 3]
     torch.save({"mean": torch.zeros(C, 8, 8), "var": torch.ones(C, 8, 8)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError) as e:
         m.load_stats(tmp_path / "bad.pt")
     one_line_error(e, tmp_path / "bad.pt")
-    torch.save({"mean": torch.zeros(C)}, tmp_path / "novar.pt")
-    with pytest.raises(ValueError) as e:
-        m.load_stats(tmp_path / "novar.pt")
-    one_line_error(e, tmp_path / "novar.pt")
+    for name, bad in (("novar", {"mean": torch.zeros(C)}), ("varnone", {"mean": torch.zeros(C), "var": None}),
+                      ("meanlist", {"mean": [0.0] * C, "var": torch.ones(C)}), ("tensor", torch.ones(C))):
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError) as e:
+            m.load_stats(tmp_path / f"{name}.pt")
+        assert "'var' (and optionally 'mean')" in one_line_error(e, tmp_path / f"{name}.pt")
     with pytest.raises(FileNotFoundError) as e:
         m.load_stats(tmp_path / "none.pt")
     one_line_error(e, tmp_path / "none.pt")
 
 
-def test_compute_stats_and_normalize_roundtrip(tiny_rae):
+def test_channel_stats_and_normalize_roundtrip(tiny_rae):
+    """The paper's channel-wise statistics (common.channel_stats over E(x)) set on the RAE, then eq. 1."""
     m = tiny_rae
     batches = [torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    mean, var = m.compute_stats(batches)
+    m.set_stats(*common.channel_stats(batches, m.encode_raw, "cpu"))
+    mean, var = m.mean, m.var
     with torch.no_grad():
         raw = torch.cat([m.encode_raw(b) for b in batches]).reshape(-1, 64).double()
         assert mean.shape == var.shape == (64,)
@@ -554,18 +610,22 @@ def test_compute_stats_and_normalize_roundtrip(tiny_rae):
         m.set_stats(torch.zeros(63), torch.ones(63))
 
 
-def test_noise_modes_constant_and_per_example(tiny_rae):
-    """Eq. 6: one sigma for every example; eq. 7 / RAE: sigma_i ~ U(0, sigma) per example."""
+def test_encoder_noise_constant_and_per_example(tiny_rae):
+    """Eq. 8: one sigma for every example; eq. 7 / RAE: sigma_i ~ U(0, sigma) per example. The noise goes on E(x)
+    before eq. 1, so denormalizing the noisy latent gives back exactly clean + eps."""
     m = tiny_rae
     m.set_stats(torch.randn(64), torch.rand(64) + 0.5)
     x = torch.rand(8, 3, 256, 256)
     with torch.no_grad():
         clean = m.encode_raw(x)
-        torch.manual_seed(0)
-        const = m.denormalize(m.encode(x, noise_std=0.4)) - clean
-        torch.manual_seed(0)
-        per = m.denormalize(m.encode(x, noise_std=0.4, per_example=True)) - clean
+        noise = {}
+        for per_example in (False, True):
+            gen = common.step_generator(0, 0, 0, "cpu")
+            eps = common.encoder_noise(gen, 8, tuple(clean.shape[1:]), 0, 1, "cpu", 0.4, per_example)
+            noise[per_example] = m.denormalize(m.normalize(clean + eps)) - clean
+            assert torch.allclose(noise[per_example], eps, atol=1e-5)
         assert torch.equal(m.encode(x), m.normalize(clean))
+    const, per = noise[False], noise[True]
     s_const, s_per = const.std(dim=(1, 2)), per.std(dim=(1, 2))
     assert (s_const - 0.4).abs().max() < 0.02
     assert (s_per < 0.42).all() and s_per.max() / s_per.min() > 1.5

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,19 +50,23 @@ def test_prior_noise_depends_only_on_seed_and_index():
     assert abs(big.mean().item()) < 0.05 and abs(big.std().item() - 1) < 0.05
 
 
-def test_grid_rows_are_classes_and_tiles_are_the_samples():
+def test_grid_rows_are_classes_and_tiles_are_the_samples(tmp_path):
+    from common import save_grid
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
-    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2])
-    g = np.asarray(sample.make_grid(images, labels, ["a", "b", "c"], rows=2, cols=3, min_tile=16))
-    # rows in plan order: class 2 then class 0 (class 1 is cut by rows=2); tiles enlarged 2x, pad 2
-    label_w = g.shape[1] - 3 * (16 + 2) - 2
-    assert g.shape[0] == 2 * (16 + 2) + 2
-    for r, c in enumerate([2, 0]):
-        for k, i in enumerate(np.flatnonzero(labels == c)[:3]):
-            y0, x0 = 2 + r * 18, label_w + 2 + k * 18
-            tile = g[y0:y0 + 16, x0:x0 + 16]
-            assert (tile == images[i].repeat(2, 0).repeat(2, 1)).all()
+    labels = np.array([2, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0, 2, 3])[:12]
+    order = sample.grid_order(np.append(labels, 3), rows=3, cols=3)
+    # rows in plan order: class 2, then 0, then 1 (class 3 is cut by rows=3); a short row is padded with -1
+    assert order == [[0, 2, 5], [1, 4, 7], [3, 6, 9]]
+    assert sample.grid_order(np.array([1, 1, 0]), rows=2, cols=3) == [[0, 1, -1], [2, -1, -1]]
+    tiles = torch.from_numpy(images[[i for row in order for i in row]]).permute(0, 3, 1, 2) / 255
+    save_grid(tiles, str(tmp_path / "g.png"), nrow=3, min_tile=16)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    assert g.shape[:2] == (3 * (16 + 2) + 2, 3 * (16 + 2) + 2)      # tiles enlarged 2x (nearest), pad 2
+    for r, row in enumerate(order):
+        for k, i in enumerate(row):
+            y0, x0 = 2 + r * 18, 2 + k * 18
+            assert (g[y0:y0 + 16, x0:x0 + 16] == images[i].repeat(2, 0).repeat(2, 1)).all()
 
 
 # -----------------------------------------------------------------------------
@@ -94,7 +99,8 @@ def run(args, nproc=1, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:1])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(args[:1])} failed ({res.returncode}):\n{res.stdout[-2000:]}\n"
+                             f"{res.stderr[-3000:]}")
     return res
 
 
@@ -121,7 +127,7 @@ def pipeline(tmp_path_factory):
 def cli(argv):
     """sample.py in this process (one rank); returns its exit status (None when it returns)."""
     try:
-        sample.run_cli(sample.main, sample.build_parser().parse_args([str(a) for a in argv]))
+        common.run_cli(sample.main, sample.build_parser().parse_args([str(a) for a in argv]))
     except SystemExit as e:
         return e.code
 
@@ -145,7 +151,8 @@ def test_samples_are_eq10_and_independent_of_ranks_and_batches(pipeline):
     # eq. 10 computed here from the loaded modules: u -> f^-1 (CFG) -> denorm2 -> C_dec -> RAE decode
     from common import load_flow, load_stage1
     f, _ = load_flow(flow)
-    rae, C, (mean2, std2) = load_stage1(pipeline["stage1"])
+    s1 = load_stage1(pipeline["stage1"])
+    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, s1.std2
     idx = [0, 4, 5]
     u = sample.prior_noise(5, idx, (f.num_tokens, f.in_channels))
     with torch.no_grad():
@@ -157,7 +164,7 @@ def test_samples_are_eq10_and_independent_of_ranks_and_batches(pipeline):
     # reproducible with the seed, different with another seed
     assert cli(args[:-3] + ["--seed", 5, "--no-progress", "--out", tmp / "again", "--no-png"]) is None
     assert (np.load(tmp / "again" / "samples.npz")["arr_0"] == one["arr_0"]).all()
-    assert not (tmp / "again" / "images" / "000000.png").exists()
+    assert not (tmp / "again" / "images").exists()
     assert cli(args[:-3] + ["--seed", 6, "--no-progress", "--out", tmp / "other", "--no-png"]) is None
     assert (np.load(tmp / "other" / "samples.npz")["arr_0"] != one["arr_0"]).any()
 
@@ -172,7 +179,8 @@ def test_nll_is_the_exact_flow_likelihood(pipeline):
     # independent: the RAE's own encode (no noise), norm2, and the flow's forward pass (eq. 2)
     from common import load_flow, load_stage1
     f, cfg = load_flow(flow)
-    rae, C, (mean2, std2) = load_stage1(pipeline["stage1"])
+    s1 = load_stage1(pipeline["stage1"])
+    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, s1.std2
     paths = [r["path"] for r in res["per_image"]]
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
                      for p in paths]).float() / 255
@@ -204,6 +212,10 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
         (["--ckpt", flow, "--out", tmp_path, "--classes", "0,7"], "--classes"),
         (["--ckpt", flow, "--out", tmp_path, "--classes", "red"], "--classes"),
         (["--ckpt", flow, "--out", tmp_path, "--cfg", -1], "guidance"),
+        (["--ckpt", flow, "--out", tmp_path, "--guide-blocks", "top"], "--guide-blocks"),
+        (["--ckpt", flow, "--out", tmp_path, "--score-step", "0,1"], "--cfg-sweep"),
+        (["--reconstruct", pipeline["heldout"], "--out", tmp_path], "--stage1"),
+        (["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path], "nowhere"),
         (["--ckpt", flow, "--nll", tmp_path / "nowhere"], "nowhere"),
         (["--ckpt", flow, "--stage1", tmp_path / "gone.pt", "--out", tmp_path], "gone.pt"),
         (["--ckpt", pipeline["stage1"], "--out", tmp_path], "checkpoint"),
@@ -216,35 +228,149 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
 
 
 class TinyFeatures(torch.nn.Module):
-    """A cheap stand-in for the Inception (4x4 colour means -> 16 features, 10 logits)."""
+    """A cheap stand-in for the Inception: the 299x299 graph input -> 4x4 colour means -> 16 pool features,
+    10 logits and 8 spatial features."""
 
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.w1, self.w2 = torch.randn(48, 16, generator=g), torch.randn(16, 10, generator=g)
+        self.w1, self.w2, self.w3 = (torch.randn(*shape, generator=g) for shape in ((48, 16), (16, 10), (48, 8)))
 
-    def forward(self, images):
-        pool = torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ self.w1
-        return pool, pool @ self.w2
+    def features(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return pooled @ self.w1, pooled @ self.w1 @ self.w2, pooled @ self.w3
 
 
-def test_guidance_sweep_reports_fid_per_scale(pipeline, monkeypatch):
+def test_guidance_sweep_reports_metrics_per_setting(pipeline, monkeypatch):
+    """--cfg-sweep scores every (w, guide_blocks) setting with fid.evaluate under the ADM protocol."""
     import fid
     tmp, flow = pipeline["tmp"], pipeline["flow"]
     monkeypatch.setattr(fid, "load_inception", lambda path: TinyFeatures())
     weights = tmp / "weights.pth"
     weights.write_bytes(b"unused")
-    assert cli(["--ckpt", flow, "--out", tmp / "sweep", "--num-samples", 5, "--cfg-sweep", "0,2", "--ref",
-                pipeline["heldout"], "--fid-weights", weights, "--no-progress", "--no-png"]) is None
+    assert cli(["--ckpt", flow, "--out", tmp / "sweep", "--num-samples", 5, "--cfg-sweep", "0,2", "--guide-blocks",
+                "all,deep", "--ref", pipeline["heldout"], "--fid-weights", weights, "--no-progress",
+                "--no-png"]) is None
     res = json.load(open(tmp / "sweep" / "sweep.json"))["results"]
-    assert [r["guidance"] for r in res] == [0.0, 2.0]
-    # independent: features of the held-out PNGs and of each samples.npz through the same network
+    assert [(r["guidance"], r["guide_blocks"]) for r in res] == [(0, "all"), (0, "deep"), (2, "all"), (2, "deep")]
+    # independent: ADM preprocessing of the held-out PNGs and of each samples.npz through the same network
     model = TinyFeatures()
     held = sorted(str(p) for p in (tmp / "heldout").rglob("*.png"))
-    ref = torch.stack([torch.from_numpy(np.asarray(Image.open(p)).copy()) for p in held]).permute(0, 3, 1, 2) / 255
-    mu_r, sig_r = fid.statistics(model(ref.float())[0])
+    ref = torch.stack([torch.from_numpy(np.asarray(Image.open(p)).copy()) for p in held]).permute(0, 3, 1, 2)
+    pool_r, _, spatial_r = model.features(fid.preprocess(ref, "adm"))
     for r in res:
-        gen = np.load(tmp / "sweep" / f"cfg-{r['guidance']:g}" / "samples.npz")["arr_0"]
-        feats = model(torch.from_numpy(gen).permute(0, 3, 1, 2).float() / 255)[0]
-        assert math.isclose(r["fid"], fid.frechet_distance(*fid.statistics(feats), mu_r, sig_r), rel_tol=1e-4)
+        name = f"cfg-{r['guidance']:g}" + ("-deep" if r["guide_blocks"] == "deep" else "")
+        gen = torch.from_numpy(np.load(tmp / "sweep" / name / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+        pool, _, spatial = model.features(fid.preprocess(gen, "adm"))
+        assert math.isclose(r["fid"], fid.frechet_distance(*fid.statistics(pool), *fid.statistics(pool_r)),
+                            rel_tol=1e-4)
+        assert math.isclose(r["sfid"], fid.frechet_distance(*fid.statistics(spatial), *fid.statistics(spatial_r)),
+                            rel_tol=1e-4)
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["inception_score"] >= 1 - 1e-6
+    # w = 0: the guide_blocks setting cannot matter
+    assert (np.load(tmp / "sweep" / "cfg-0" / "samples.npz")["arr_0"]
+            == np.load(tmp / "sweep" / "cfg-0-deep" / "samples.npz")["arr_0"]).all()
+
+
+def test_deep_guidance_and_score_step_follow_the_flow(pipeline):
+    """--guide-blocks deep and --score-step are TARFlow.reverse(guide_blocks='deep') and TARFlow.score_step."""
+    from common import load_flow, load_stage1
+    tmp, flow = pipeline["tmp"], pipeline["flow"]
+    args = ["--ckpt", flow, "--num-samples", 3, "--cfg", 2.0, "--seed", 1, "--no-progress", "--no-png"]
+    assert cli(args + ["--out", tmp / "deep", "--guide-blocks", "deep", "--score-step", 0.5]) is None
+    assert cli(args + ["--out", tmp / "all"]) is None
+    f, _ = load_flow(flow)
+    s1 = load_stage1(pipeline["stage1"])
+    z, y = sample.prior_noise(1, range(3), (f.num_tokens, f.in_channels)), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        x = f.score_step(f.reverse(z, y, guidance=2.0, guide_blocks="deep"), y, 0.5)
+        ref = sample.to_uint8(s1.decode(x))
+    deep = np.load(tmp / "deep" / "samples.npz")["arr_0"]
+    assert np.abs(ref.astype(int) - deep.astype(int)).max() <= 1
+    assert (deep != np.load(tmp / "all" / "samples.npz")["arr_0"]).any()
+
+
+def test_non_finite_samples_stop_with_one_line(pipeline, monkeypatch, capsys):
+    real = sample.generate
+
+    def broken(*a, **k):
+        images = real(*a, **k)
+        images[1::2] = float("nan")                           # every second sample of each batch
+        return images
+    monkeypatch.setattr(sample, "generate", broken)
+    out = pipeline["tmp"] / "nan"
+    assert cli(["--ckpt", pipeline["flow"], "--out", out, "--num-samples", 4, "--batch-size", 4, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: 2 samples not finite (nan/inf), indices [1, 3]; stopped before writing them", err
+    assert not (out / "samples.npz").exists() and not list((out / "images").glob("*.png"))
+
+
+def test_reconstructions_for_rfid(pipeline):
+    """--reconstruct writes the ADM-cropped originals and D(denorm(C_dec(C_enc(norm(E(x) + eps))))) as npz."""
+    from common import load_stage1
+    tmp, held = pipeline["tmp"], pipeline["heldout"]
+    base = ["--reconstruct", held, "--stage1", pipeline["stage1"], "--no-progress"]
+    assert cli(base + ["--out", tmp / "rec", "--batch-size", 4]) is None
+    assert cli(base + ["--out", tmp / "rae", "--recon-rae"]) is None
+    assert cli(base + ["--out", tmp / "noisy4", "--recon-noise", 0.5, "--batch-size", 4]) is None
+    assert cli(base + ["--out", tmp / "noisy2", "--recon-noise", 0.5, "--batch-size", 2]) is None
+    paths = sorted((tmp / "heldout").rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths])
+    orig = np.load(tmp / "rec" / "originals.npz")["arr_0"]
+    assert (orig == x.numpy()).all()                          # 32 px images: the ADM crop is the identity
+    x = x.permute(0, 3, 1, 2).float() / 255
+    s1 = load_stage1(pipeline["stage1"])
+    with torch.no_grad():
+        src_ref = sample.to_uint8(s1.rae.decode(s1.C.decode(s1.C.encode(s1.rae.encode(x)))))
+        rae_ref = sample.to_uint8(s1.rae.decode(s1.rae.encode(x)))
+    for name, ref in (("rec", src_ref), ("rae", rae_ref)):
+        got = np.load(tmp / name / "recon.npz")["arr_0"]
+        assert np.abs(got.astype(int) - ref.astype(int)).max() <= 1, name
+    noisy4, noisy2 = (np.load(tmp / n / "recon.npz")["arr_0"] for n in ("noisy4", "noisy2"))
+    assert (noisy4 == noisy2).all() and (noisy4 != np.load(tmp / "rec" / "recon.npz")["arr_0"]).any()
+
+
+def test_moved_weights_need_only_the_override_flags(pipeline, tmp_path, capsys):
+    """A stage 1 whose encoder and released decoder moved: the error names the flag; the flags restore it."""
+    import rae
+    from common import load_stage1
+    torch.manual_seed(1)
+    enc, dec = tmp_path / "dinov2.pth", tmp_path / "decoder.pt"
+    torch.save(rae.DINOv2(embed_dim=32, depth=1, num_heads=1, num_registers=4, pos_grid=2).state_dict(), enc)
+    rae.save_rae_decoder(rae.RAEDecoder(in_dim=32, hidden=32, depth=1, num_heads=1, mlp_dim=64, patch_size=16,
+                                        num_patches=4), str(dec))
+    data = ["--data", pipeline["tmp"] / "train", "--batch-size", 8, "--epochs", 1, "--max-steps", 1,
+            "--num-workers", 0, "--device", "cpu", "--grid-every", 0]
+    run(["train_src.py", "--out", tmp_path / "s1", "--encoder", enc, "--decoder", dec, "--decoder-heads", 1,
+         "--image-size", 32,
+         "--src-depth", 1, "--src-dim", 4, "--perceptual-weight", 0, "--disc-weight", 0] + data)
+    ckpt = tmp_path / "s1" / "checkpoint.pt"
+    flow_args = ["train_flow.py", "--stage1", ckpt, "--model", "tiny"] + data
+    run(flow_args + ["--out", tmp_path / "s2"])
+    flow = tmp_path / "s2" / "checkpoint.pt"
+    sample_args = ["--ckpt", flow, "--num-samples", 2, "--no-progress", "--no-png"]
+    assert cli(sample_args + ["--out", tmp_path / "before"]) is None
+    before = load_stage1(str(ckpt))
+
+    moved = tmp_path / "moved"                                   # another machine: the weights live elsewhere
+    moved.mkdir()
+    enc.rename(moved / enc.name)
+    dec.rename(moved / dec.name)
+    flags = ["--encoder", moved / enc.name, "--decoder", moved / dec.name]
+    with pytest.raises(FileNotFoundError, match="--encoder"):
+        load_stage1(str(ckpt))
+    with pytest.raises(FileNotFoundError, match="--decoder"):
+        load_stage1(str(ckpt), encoder=str(moved / enc.name))
+    after = load_stage1(str(ckpt), encoder=str(moved / enc.name), decoder=str(moved / dec.name))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(before.decode(before.encode(x)), after.decode(after.encode(x)))
+    res = run(flow_args + ["--out", tmp_path / "s2b"], check=False)
+    assert res.returncode == 2 and "--encoder" in res.stderr.strip().splitlines()[-1], res.stderr[-500:]
+    run(flow_args + ["--out", tmp_path / "s2b"] + flags)
+    capsys.readouterr()
+    assert cli(sample_args + ["--out", tmp_path / "lost"]) == 2
+    assert "--encoder" in capsys.readouterr().err
+    assert cli(sample_args + ["--out", tmp_path / "after"] + flags) is None
+    a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("before", "after"))
+    assert (a == b).all()

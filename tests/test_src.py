@@ -1,12 +1,15 @@
-"""SRC (src.py): eq. 4 against an independent computation, global mixing, learning, bad input."""
+"""src.py: SRC (eq. 4) against an independent computation, global mixing, learning, bad input; the Table 5 variants:
+PCA against an independent numpy SVD, Linear token-wise against its formula, Identity exact; config round trips
+and the GAN layer of every compressor."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from src import SRC
+from src import COMPRESSORS, PCA, SRC, Identity, Linear
 
 
 def reference_block(x, sd, prefix, heads):
@@ -123,3 +126,129 @@ def test_decode_refuses_wrong_shape():
 def test_constructor_refuses_bad_heads():
     with pytest.raises(ValueError, match="not divisible"):
         SRC(n=100, d=8, num_heads=3)
+
+
+# -----------------------------------------------------------------------------
+# All compressors: COMPRESSORS, shapes, config round trip, GAN layer, input checks
+
+def build(kind, n=64, d=8):
+    return COMPRESSORS[kind](n=n) if kind == "identity" else COMPRESSORS[kind](n=n, d=d)
+
+
+@pytest.mark.parametrize("kind", ["src", "linear", "pca", "identity"])
+def test_compressor_shapes_config_round_trip_and_checks(kind):
+    C = build(kind)
+    if kind == "pca":   # a fitted PCA (random covariance), so the round trip carries real buffers
+        A = torch.randn(64, 64, dtype=torch.float64)
+        C.fit(torch.randn(64), A @ A.T / 64)
+    randomized(C, seed=1)
+    d = 64 if kind == "identity" else 8
+    assert COMPRESSORS[kind] is type(C) and C.kind == kind and (C.n, C.d) == (64, d)
+    z = torch.randn(2, 10, 64)
+    assert C.encode(z).shape == (2, 10, d) and C.decode(C.encode(z)).shape == (2, 10, 64)
+    C2 = type(C)(**C.config())
+    assert C2.config() == C.config()
+    C2.load_state_dict(C.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(C2.eval()(z), C.eval()(z)) and torch.equal(C(z), C.decode(C.encode(z)))
+    name = type(C).__name__
+    for method, width, bad in (("encode", 64, torch.randn(2, 10, 63)), ("encode", 64, torch.randn(10, 64)),
+                               ("decode", d, torch.randn(2, 10, d + 1))):
+        with pytest.raises(ValueError, match=rf"^{name}.{method}: expected \(B, N, {width}\) tokens, got"):
+            getattr(C, method)(bad)
+
+
+@pytest.mark.parametrize("kind,depth", [("src", 2), ("src", 0), ("linear", None), ("pca", None), ("identity", None)])
+def test_last_layer_is_the_last_trained_weight_of_the_decoder(kind, depth):
+    """The adaptive GAN weight needs C_dec's last layer: the gradient of the output reaches it, and it is C_dec's
+    final weight (the last block's fc2; the d -> n projection when there are no blocks). None when nothing trains."""
+    C = SRC(n=64, d=8, depth=depth, num_heads=2) if kind == "src" else build(kind)
+    W = C.last_layer()
+    if kind in ("pca", "identity"):
+        assert W is None and not list(C.parameters())
+        return
+    expected = {("src", 2): lambda: C.dec_blocks[1].mlp.fc2.weight, ("src", 0): lambda: C.dec_proj.weight,
+                ("linear", None): lambda: C.dec_proj.weight}[(kind, depth)]()
+    assert W is expected and W.shape[0] == 64
+    C(torch.randn(2, 5, 64)).square().sum().backward()
+    assert W.grad is not None and W.grad.abs().sum() > 0
+
+
+def test_compressor_constructors_refuse_bad_sizes():
+    for make in (lambda: Linear(n=64, d=0), lambda: PCA(n=0, d=8), lambda: PCA(n=8, d=16), lambda: Identity(n=0),
+                 lambda: SRC(n=64, d=8, depth=-1, num_heads=2)):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# PCA, Linear, Identity
+
+def correlated_tokens(M, n, seed=0):
+    """M tokens of width n with a known spread of variances (distinct eigenvalues, so components are unique up to
+    sign), a non-zero mean, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(randn(n, n))
+    return randn(M, n) * torch.logspace(1, -2, n, dtype=torch.float64) @ Q.T + randn(n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pca_matches_numpy_svd(dtype):
+    """Projection, reconstruction and explained variance against numpy's SVD of the same centred feature matrix."""
+    n, d, B, N = 48, 6, 20, 25
+    X = correlated_tokens(B * N, n)
+    mean, Xc = X.mean(0), X - X.mean(0)
+    P = PCA(n=n, d=d).to(dtype).fit(mean, Xc.T @ Xc / len(X))     # population covariance
+    _, S, Vt = np.linalg.svd(Xc.numpy(), full_matrices=False)
+    ref = torch.from_numpy(Vt[:d])                                  # rows: principal directions, any sign
+    comps = P.components.double()
+    sign = torch.sign((comps * ref).sum(1, keepdim=True))           # align signs, then compare exactly
+    assert (sign.abs() == 1).all()
+    torch.testing.assert_close(comps, sign * ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-10)
+    big = comps.gather(1, comps.abs().argmax(1, keepdim=True))      # the deterministic sign convention
+    assert (big > 0).all()
+    torch.testing.assert_close(comps @ comps.T, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-6)
+    z = X.reshape(B, N, n).to(dtype)
+    with torch.no_grad():
+        zc, zhat = P.encode(z), P(z)
+    proj_ref = (Xc @ ref.T * sign.T).reshape(B, N, d)
+    recon_ref = (Xc @ ref.T @ ref + mean).reshape(B, N, n)
+    torch.testing.assert_close(zc.double(), proj_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(zhat.double(), recon_ref, rtol=0, atol=1e-5)
+    assert abs(float(P.explained) - float((S[:d] ** 2).sum() / (S ** 2).sum())) < 1e-6
+    assert 0.5 < float(P.explained) < 1
+
+
+def test_pca_fit_refuses_bad_statistics():
+    P = PCA(n=8, d=2)
+    assert math.isnan(float(P.explained))
+    for mean, cov in ((torch.zeros(7), torch.eye(8)), (torch.zeros(8), torch.eye(7)),
+                      (torch.zeros(8), torch.full((8, 8), float("nan")))):
+        with pytest.raises(ValueError, match="PCA.fit: expected"):
+            P.fit(mean, cov)
+
+
+def test_linear_is_token_wise():
+    """Changing one token changes only that token's code; the code is W z + b from the raw state dict."""
+    C = randomized(Linear(n=64, d=8)).double()
+    z = torch.randn(2, 12, 64, dtype=torch.float64)
+    z2 = z.clone()
+    z2[1, 5] += torch.randn(64, dtype=torch.float64)
+    with torch.no_grad():
+        delta = (C.encode(z2) - C.encode(z)).abs().amax(-1)
+        sd = C.state_dict()
+        torch.testing.assert_close(C.encode(z), z @ sd["enc_proj.weight"].T + sd["enc_proj.bias"], rtol=0, atol=1e-12)
+        zc = torch.randn(2, 12, 8, dtype=torch.float64)
+        torch.testing.assert_close(C.decode(zc), zc @ sd["dec_proj.weight"].T + sd["dec_proj.bias"], rtol=0, atol=1e-12)
+    assert delta[1, 5] > 1e-3
+    delta[1, 5] = 0
+    assert (delta == 0).all()
+
+
+def test_identity_is_exact():
+    C = Identity(n=64)
+    z = torch.randn(2, 12, 64)
+    assert C.d == C.n == 64 and C.config() == {"n": 64} and not list(C.parameters())
+    assert torch.equal(C.encode(z), z) and torch.equal(C.decode(z), z) and torch.equal(C(z), z)

@@ -1,15 +1,19 @@
 """Tests for tarflow.py: exact log-det (eq. 2, 3), exact inverse, KV-cached sampling against a
-recomputing reference, STARFlow's guided Gaussian, precision under bf16 autocast, and that
-maximum likelihood (eq. 9) learns a density of known entropy."""
+recomputing reference (every block or only the deep one guided), STARFlow's guided Gaussian,
+orderings given as permutations and rebuilt from the stored config, SimFlow's score step (its
+eq. 6) against a closed form, precision under bf16 autocast, parameter counts of the sizes, and
+that maximum likelihood (eq. 9) learns a density of known entropy."""
 
 import math
+
+import torch.nn.functional as F
 
 import pytest
 import torch
 
 from tarflow import SIZES, TARFlow, guided_gaussian
 
-N, D = 5, 3  # tokens, channels of the small test flows
+N, D = 5, 3  # tokens, channels of the small test flows (D: token channels here, not the RAE decoder)
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +25,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_flow(num_classes=3, dtype=torch.float64, depths=(1, 2, 1), seed=0):
+def make_flow(num_classes=3, dtype=torch.float64, depths=(1, 2, 1), seed=0, permutations=None):
     """A tiny flow with every weight perturbed, the zero-initialised ones included, so it is non-trivial."""
     torch.manual_seed(seed)
-    flow = TARFlow(D, N, channels=32, depths=list(depths), head_dim=16, num_classes=num_classes).to(dtype)
+    flow = TARFlow(D, N, channels=32, depths=list(depths), head_dim=16, num_classes=num_classes,
+                   permutations=permutations).to(dtype)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -67,12 +72,21 @@ def test_reverse_inverts_forward(dtype, tol):
     assert (x_rec - x).abs().max() < tol
 
 
-def reference_reverse(flow, z, y, w):
+def random_permutations(num_blocks, seed=0):
+    """One random token order per block, none of them the identity or the reversed order."""
+    g = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(N, generator=g).tolist() for _ in range(num_blocks)]
+    assert all(p not in (list(range(N)), list(range(N))[::-1]) for p in perms)
+    return perms
+
+
+def reference_reverse(flow, z, y, w, guide_blocks='all'):
     """Sampling without caches: every token re-runs each block's full causal forward pass.
 
     (mu, alpha) of a token come from the public forward: with that token set to 0 and to 1,
     z0 = -mu e^-alpha and z1 = (1 - mu) e^-alpha. CFG combines the conditional and null-label
-    Gaussians as SPEC §2 writes it, sigma = exp(alpha)."""
+    Gaussians with STARFlow's rule, sigma = exp(alpha). The tokens are visited in each block's
+    permutation; with guide_blocks='deep' only the deep block (flow.blocks[-1]) is guided."""
     null = torch.full_like(y, flow.num_classes)
 
     def gaussian(block, x, labels, p):
@@ -83,17 +97,17 @@ def reference_reverse(flow, z, y, w):
         return -z0 / scale, 1 / scale  # mu, sigma
 
     x = z.clone()
-    for block in reversed(flow.blocks):
-        order = list(range(N))[::-1] if block.flip else list(range(N))
+    for block, order in zip(reversed(flow.blocks), reversed(flow.permutations)):
+        wk = w if guide_blocks == 'all' or block is flow.blocks[-1] else 0.0  # this block's guidance
         u, x = x, x.clone()
         for p in order[1:]:
             mu_c, sigma_c = gaussian(block, x, y, p)
             mu, sigma = mu_c, sigma_c
-            if w > 0:
+            if wk > 0:
                 mu_u, sigma_u = gaussian(block, x, null, p)
                 s = torch.minimum(sigma_c / sigma_u, torch.ones_like(sigma_c)) ** 2
-                sigma = sigma_c / torch.sqrt(1 + w - w * s)
-                mu = ((1 + w) * mu_c - w * s * mu_u) / (1 + w - w * s)
+                sigma = sigma_c / torch.sqrt(1 + wk - wk * s)
+                mu = ((1 + wk) * mu_c - wk * s * mu_u) / (1 + wk - wk * s)
             x[:, p] = u[:, p] * sigma + mu
     return x
 
@@ -217,22 +231,33 @@ def test_learns_known_entropy():
 
 
 def test_sizes_match_simflow_table8():
-    heads = {'S': 6, 'B': 12, 'L': 16, 'XL': 16, 'XXL': 16}
-    deep = {'S': 2, 'B': 2, 'L': 14, 'XL': 18, 'XXL': 36}
+    """Heads, depths and parameter counts (1000 classes, d = 32, 256 tokens) of SimFlow's sizes.
+
+    XXL's deep block has 46 layers (SimFlow's text and its 1.4B count; its Table 8 prints 36, 1.12B).
+    Counted on the meta device: no memory is allocated, so XXL costs nothing here."""
+    heads = {'S': 6, 'B': 12, 'L': 16, 'XL': 16, 'XXL': 16, 'XXL-2048': 16}
+    deep = {'S': 2, 'B': 2, 'L': 14, 'XL': 18, 'XXL': 46, 'XXL-2048': 46}
+    params = {'S': 37e6, 'B': 141e6, 'L': 475e6, 'XL': 695e6, 'XXL': 1.36e9}
     for name in heads:
         cfg = SIZES[name]
         assert cfg['channels'] // cfg['head_dim'] == heads[name] and cfg['channels'] % cfg['head_dim'] == 0
         assert cfg['depths'] == [2, 2, 2, 2, 2, deep[name]]
-    with torch.device('meta'):  # SimFlow-S: 37M parameters with 1000 classes
-        flow = TARFlow(32, 256, num_classes=1000, **SIZES['S'])
-    assert abs(sum(p.numel() for p in flow.parameters()) / 37e6 - 1) < 0.02
+    assert SIZES['XXL-2048']['channels'] == 2048 and SIZES['XXL']['channels'] == 1152  # paper Table 1's widths
+    for name, count in params.items():
+        with torch.device('meta'):
+            flow = TARFlow(32, 256, num_classes=1000, **SIZES[name])
+        assert abs(sum(p.numel() for p in flow.parameters()) / count - 1) < 0.01, name
 
 
 def test_orderings_alternate_and_deep_block_last():
     flow = TARFlow(D, N, channels=32, depths=[1, 1, 1, 3], head_dim=16)
-    assert [b.flip for b in flow.blocks] == [False, True, False, True]
+    natural = list(range(N))
+    assert flow.permutations == [natural, natural[::-1], natural, natural[::-1]]
+    assert [b.perm.tolist() for b in flow.blocks] == flow.permutations
+    assert [b.order for b in flow.blocks] == ['identity', 'reversed', 'identity', 'reversed']  # no gather
     assert [len(b.layers) for b in flow.blocks] == [1, 1, 1, 3]
     assert TARFlow(**flow.config()).config() == flow.config()
+    assert flow.config()['permutations'] == flow.permutations  # stored explicitly, not implied by a default
 
 
 @pytest.mark.parametrize("call,match", [
@@ -251,6 +276,16 @@ def test_orderings_alternate_and_deep_block_last():
     (lambda f: TARFlow(D, N, 32, [1, 0], head_dim=16), r"depths must be"),
     (lambda f: TARFlow(0, N, 32, [1], head_dim=16), r"must be positive"),
     (lambda f: TARFlow(D, N, 32, [1], head_dim=16, num_classes=-1), r"num_classes must be >= 0"),
+    (lambda f: f.reverse(torch.randn(2, N, D), guide_blocks='top'), r"guide_blocks must be 'all' or 'deep'"),
+    (lambda f: f.reverse(torch.randn(2, N, D), guide_blocks=None), r"guide_blocks must be"),
+    (lambda f: TARFlow(D, N, 32, [1, 1], head_dim=16, permutations=[[0, 1, 2, 3, 4]]),
+     r"permutations must be None or 2 lists of ints \(one per block\), each a permutation of range\(5\)"),
+    (lambda f: TARFlow(D, N, 32, [1], head_dim=16, permutations=[[0, 1, 2, 3, 3]]), r"permutations must be"),
+    (lambda f: TARFlow(D, N, 32, [1], head_dim=16, permutations=[[0, 1, 2, 3]]), r"permutations must be"),
+    (lambda f: TARFlow(D, N, 32, [1], head_dim=16, permutations=[[0, 1, 2, 3, 4.0]]), r"permutations must be"),
+    (lambda f: TARFlow(D, N, 32, [1], head_dim=16, permutations=[torch.arange(N)]), r"permutations must be"),
+    (lambda f: f.score_step(torch.randn(2, N, D), None, float('inf')), r"gamma must be a finite number"),
+    (lambda f: f.score_step(torch.randn(2, N), None, 0.1), r"TARFlow\.score_step: expected float tokens"),
 ])
 def test_bad_inputs_raise_one_line_value_error(call, match):
     flow = TARFlow(D, N, channels=32, depths=[1], head_dim=16, num_classes=3)
@@ -265,3 +300,124 @@ def test_unconditional_flow_accepts_only_null_label():
     assert torch.equal(flow(x)[0], flow(x, torch.zeros(2, dtype=torch.long))[0])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 0\]"):
         flow(x, torch.ones(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- guidance of the deep block only
+
+def test_guide_deep_block_matches_reference():
+    """guide_blocks='deep': the deep block (run first) guided, the shallow ones conditional with w = 0."""
+    flow = make_flow(depths=(1, 2, 1, 2))
+    z = torch.randn(3, N, D, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1])
+    batch = {}  # batch size each block's Transformer runs at: 2B = [cond; null] for the deep block only
+
+    def record(k):
+        def hook(module, inputs, output):
+            batch.setdefault(k, inputs[0].shape[0])  # returns None: the output is left as it is
+        return hook
+    hooks = [b.proj_in.register_forward_hook(record(k)) for k, b in enumerate(flow.blocks)]
+    fast = flow.reverse(z, y, guidance=1.5, guide_blocks='deep')
+    for h in hooks:
+        h.remove()
+    assert batch == {0: 3, 1: 3, 2: 3, 3: 6}
+    torch.testing.assert_close(fast, reference_reverse(flow, z, y, 1.5, guide_blocks='deep'), rtol=0, atol=1e-9)
+    assert (fast - flow.reverse(z, y, guidance=1.5)).abs().max() > 1e-2  # differs from guiding every block
+    assert (fast - flow.reverse(z, y)).abs().max() > 1e-2  # and from no guidance
+    assert torch.equal(flow.reverse(z, y, guidance=0.0, guide_blocks='deep'), flow.reverse(z, y))
+
+
+# ----------------------------------------------------------------------------- orderings as data
+
+def test_random_permutations_are_exact():
+    """A flow whose blocks read the tokens in random orders: exact log-det, inverse and cached sampling."""
+    perms = random_permutations(3)
+    flow = make_flow(permutations=perms)
+    assert [b.order for b in flow.blocks] == ['gather'] * 3 and flow.permutations == perms
+    x = torch.randn(2, N, D, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    z, logdet = flow(x, y)
+    for b in range(2):
+        J = torch.autograd.functional.jacobian(
+            lambda v: flow(v.view(1, N, D), y[b:b + 1])[0].reshape(-1), x[b].reshape(-1))
+        torch.testing.assert_close(logdet[b], torch.linalg.slogdet(J)[1], rtol=0, atol=1e-10)
+        # Token perm[i] of the first block depends only on tokens perm[<i]: J is triangular in that order.
+        order = torch.tensor(perms[0])
+        J0 = torch.autograd.functional.jacobian(
+            lambda v: flow.blocks[0](v.view(1, N, D), y[b:b + 1])[0][0], x[b:b + 1])[:, :, 0]  # (N, D, N, D)
+        J0 = J0[order][:, :, order].abs().sum(dim=(1, 3))  # (N, N): output step i against input step j
+        assert J0.triu(1).max() == 0 and J0.tril(-1).max() > 1e-3
+    assert (flow.reverse(z, y) - x).abs().max() < 1e-9
+    for w in (0.0, 1.5):
+        torch.testing.assert_close(flow.reverse(z, y, guidance=w), reference_reverse(flow, z, y, w), rtol=0, atol=1e-9)
+
+
+def test_config_and_state_rebuild_the_same_flow(tmp_path):
+    """Save -> load through torch.save: TARFlow(**config) + load_state_dict gives identical outputs."""
+    flow = make_flow(permutations=random_permutations(3, seed=1))
+    torch.save(dict(flow_config=flow.config(), flow=flow.state_dict()), tmp_path / 'flow.pt')
+    ckpt = torch.load(tmp_path / 'flow.pt')
+    again = TARFlow(**ckpt['flow_config']).to(torch.float64).eval()
+    again.load_state_dict(ckpt['flow'])
+    x = torch.randn(3, N, D, dtype=torch.float64)
+    y = torch.tensor([0, 1, 3])
+    for a, b in zip(flow(x, y), again(x, y)):
+        assert torch.equal(a, b)
+    assert torch.equal(flow.reverse(x, y, guidance=1.0), again.reverse(x, y, guidance=1.0))
+    # The orders come from the config: the same weights in the default orders give another flow.
+    default = TARFlow(**{**ckpt['flow_config'], 'permutations': None}).to(torch.float64)
+    default.load_state_dict(ckpt['flow'])
+    assert (default(x, y)[0] - flow(x, y)[0]).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- SimFlow's score step (its eq. 6)
+
+def class_affine_flow(dtype):
+    """A flow whose every block moves each token by a class-only affine map, so p(x|y) is a known Gaussian.
+
+    Closed layer gates (ada = 0) make the layers the identity; 1 + scale = 0 in the output modulation
+    (scale bias -1) leaves the head proj_out(shift(y)): (mu, alpha) depend on the class only, and the
+    first token each block reads is left as it is. Returns the flow and its per-token affine map
+    z = a(y) * x + b(y) as two (num_classes + 1, N, D) float64 tensors."""
+    flow = make_flow(num_classes=3, dtype=torch.float64, permutations=random_permutations(3, seed=2))
+    C = flow.channels
+    a = torch.ones(flow.num_classes + 1, N, D, dtype=torch.float64)
+    b = torch.zeros_like(a)
+    with torch.no_grad():
+        for block in flow.blocks:
+            for layer in block.layers:
+                layer.ada.weight.zero_()
+                layer.ada.bias.zero_()
+            block.ada_out.weight[C:] = 0
+            block.ada_out.bias[C:] = -1
+            block.proj_out.weight.normal_(0, 0.3)
+        flow.to(dtype).to(torch.float64)  # the weights as the flow will hold them in dtype
+        for block in flow.blocks:
+            shift = F.linear(F.silu(block.class_embed.weight), block.ada_out.weight[:C], block.ada_out.bias[:C])
+            mu, alpha = F.linear(shift, block.proj_out.weight, block.proj_out.bias).chunk(2, dim=-1)  # (K + 1, D)
+            moved = [p for p in range(N) if p != block.perm[0]]
+            a[:, moved] = a[:, moved] * torch.exp(-alpha)[:, None]
+            b[:, moved] = (b[:, moved] - mu[:, None]) * torch.exp(-alpha)[:, None]
+    return flow.to(dtype), a, b
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_score_step_matches_closed_form(dtype, tol):
+    flow, a, b = class_affine_flow(dtype)
+    x = torch.randn(4, N, D, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    null = torch.full_like(y, flow.null_label)
+    log_p = lambda labels: (torch.distributions.Normal(0.0, 1.0).log_prob(a[labels] * x + b[labels])
+                            + a[labels].log()).sum(dim=(1, 2))
+    torch.testing.assert_close(flow.to(torch.float64).log_prob(x, y), log_p(y), rtol=0, atol=1e-10)  # known density
+    flow.to(dtype)
+    score = lambda labels: -a[labels] * (a[labels] * x + b[labels])  # grad_x log N(a x + b; 0, I) + log a
+    gamma = 0.3
+    expected = x + gamma * (score(y) - score(null))
+    with torch.no_grad():
+        out = flow.score_step(x.to(dtype), y, gamma)
+    assert out.dtype == dtype and not out.requires_grad and not flow.score_step(x.to(dtype), y, gamma).requires_grad
+    assert (expected - x).abs().max() > 0.05  # the step really moves x
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    with torch.inference_mode():
+        torch.testing.assert_close(flow.score_step(x.to(dtype), y, gamma), out, rtol=0, atol=0)
+    assert torch.equal(flow.score_step(x.to(dtype), y, 0.0), x.to(dtype))  # gamma = 0: x unchanged
