@@ -385,17 +385,20 @@ def resume_checkpoint(args, ckpt_path, stage, kept):
 
 
 class TrainLog:
-    """The loop bookkeeping of both training scripts. Per step, add(step, loss=..., ...) accumulates
-    the metrics on the device (no host sync) and remembers the first step whose loss was not finite;
-    at log steps, non_finite(...) and write(...) sync once, average over steps and ranks, and append
-    a record to <out>/log.jsonl (rank 0 only)."""
+    """The loop bookkeeping of both training scripts: the progress bar; per step, add(step, loss=..., ...)
+    sums the metrics on the device (no host sync) and remembers the first step whose loss was not finite;
+    at log steps write(...) syncs once, averages over steps and ranks and appends a record to log.jsonl
+    (rank 0), or returns None after a one-line error when the loss became non-finite on any rank; save(...)
+    writes the checkpoint (rank 0) and remembers it as the last good one."""
 
-    def __init__(self, keys, path, step, batch_size, device, enabled=True, derive=None):
-        self.keys, self.path, self.batch_size, self.enabled = list(keys), path, batch_size, enabled
+    def __init__(self, keys, out, step, total, batch_size, device, master, resumed, derive=None, show=("loss",)):
+        self.keys, self.out, self.batch_size, self.master, self.show = list(keys), out, batch_size, master, show
         self.derive = derive  # record -> dict of derived values (e.g. bits/dim from the loss)
         self.sums = torch.zeros(len(self.keys) + 1, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.t, self.step = time.time(), step
+        self.t, self.step, self.last_good = time.time(), step, step if resumed else None
+        self.bar = tqdm(total=total, initial=step, disable=not master or total <= step, dynamic_ncols=True,
+                        desc=os.path.basename(os.path.normpath(out)))
 
     def add(self, step, **values):
         """Metrics of step `step` (0-dim tensors; missing keys count 0); the first one is the loss."""
@@ -404,29 +407,35 @@ class TrainLog:
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step + 1), self.first_bad)
         zero = torch.zeros((), device=self.sums.device)
         self.sums += torch.stack([values.get(k, zero).detach().float() for k in self.keys] + [zero + 1])
-
-    def non_finite(self, epoch, ckpt_path, last_good):
-        """The one-line error for a run whose loss became non-finite on any rank, else None."""
-        step = int(all_reduce_(self.first_bad.clone(), op="max"))
-        if step < 0:
-            return None
-        where = f"last good checkpoint {ckpt_path} (step {last_good})" if last_good is not None \
-            else "no checkpoint was written"
-        return f"loss became non-finite (nan/inf) at step {step} (epoch {epoch}); stopping; {where}"
+        self.bar.update(1)
 
     def write(self, step, **extra):
         """Average the sums over steps and ranks, append a log.jsonl record, reset; returns the record."""
+        bad = int(all_reduce_(self.first_bad.clone(), op="max"))
+        if bad >= 0:
+            self.bar.close()
+            where = f"last good checkpoint {self.out}/checkpoint.pt (step {self.last_good})" \
+                if self.last_good is not None else "no checkpoint was written"
+            print(f"error: loss became non-finite (nan/inf) at step {bad} (epoch {extra.get('epoch')}); stopping; "
+                  f"{where}", file=sys.stderr)
+            return None
         sums = all_reduce_(self.sums.clone())
         dt, steps = time.time() - self.t, step - self.step
         record = dict(step=step, **extra, **dict(zip(self.keys, (sums[:-1] / sums[-1]).tolist())),
                       steps_per_s=steps / dt, images_per_s=steps * self.batch_size / dt)
         record.update(self.derive(record) if self.derive else {})
-        if self.enabled:
-            with open(self.path, "a") as f:
+        if self.master:
+            with open(os.path.join(self.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+        self.bar.set_postfix({k: f"{record[k]:.4g}" for k in self.show})
         self.sums.zero_()
         self.t, self.step = time.time(), step
         return record
+
+    def save(self, step, state):
+        if self.master:
+            save_checkpoint(state, os.path.join(self.out, "checkpoint.pt"))
+        self.last_good = step
 
 
 def save_grid(images, path, nrow=8, labels=None, title=None, min_tile=64):

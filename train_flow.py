@@ -34,7 +34,6 @@ import sys
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 import common
 from common import UserError
@@ -134,10 +133,8 @@ def main(args):
 
     # Train: eq. 8 features, eq. 9 loss
     B, stop = args.batch_size, min(args.max_steps or total_steps, total_steps)
-    log = common.TrainLog(["loss", "grad_norm"], os.path.join(args.out, "log.jsonl"), step, B, device, master,
-                          derive=lambda r: dict(bpd=(r["loss"] + HALF_LOG_2PI) / LN2))
-    last_good = step if resume is not None else None
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="flow")
+    log = common.TrainLog(["loss", "grad_norm"], args.out, step, total_steps, B, device, master, resume is not None,
+                          derive=lambda r: dict(bpd=(r["loss"] + HALF_LOG_2PI) / LN2), show=("loss", "bpd", "lr"))
     flow.train()
     for epoch in range(step // spe, args.epochs):
         if step >= stop:
@@ -165,28 +162,20 @@ def main(args):
             common.update_ema(ema, flow, args.ema)
             log.add(step, loss=loss, grad_norm=gnorm)
             step += 1
-            bar.update(1)
 
             ckpt_due = step % spe == 0 or step >= stop or (args.ckpt_every and step % args.ckpt_every == 0)
             if step % args.log_every == 0 or ckpt_due:                # one host sync per log
-                error = log.non_finite(epoch, ckpt_path, last_good)
-                if error:
-                    bar.close()
+                if log.write(step, epoch=epoch, lr=lr) is None:       # the loss became non-finite
                     common.cleanup_ddp()
-                    print(f"error: {error}", file=sys.stderr)
                     sys.exit(3)
-                rec = log.write(step, epoch=epoch, lr=lr)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", bpd=f"{rec['bpd']:.4f}", lr=f"{lr:.2e}")
             if master and args.grid_every and (step % args.grid_every == 0 or step >= stop):
                 sample_grid(ema, stage1, 8, args.sample_cfg, args.seed, autocast,
                             os.path.join(args.out, "samples", f"{step:07d}.png"))
             if ckpt_due:
-                if master:
-                    common.save_checkpoint(state(step // spe), ckpt_path)
-                last_good = step
+                log.save(step, state(step // spe))
             if step >= stop:
                 break
-    bar.close()
+    log.bar.close()
     if master:
         print(f"done: step {step}, checkpoint {ckpt_path}")
     common.cleanup_ddp()

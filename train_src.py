@@ -34,7 +34,6 @@ import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import common
 import losses
@@ -169,9 +168,8 @@ def main(args):
     raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
     gan_start, disc_start = args.disc_start * spe, args.disc_upd_start * spe
     warmup = int(round(args.warmup_epochs * spe))
-    log = common.TrainLog(LOG_KEYS, os.path.join(args.out, "log.jsonl"), step, B, device, master)
-    last_good = step if resume is not None else None
-    bar = tqdm(total=total_steps, initial=step, disable=not master or not trainable, dynamic_ncols=True, desc="src")
+    log = common.TrainLog(LOG_KEYS, args.out, step, total_steps if trainable else step, B, device, master,
+                          resume is not None, show=("loss", "l1", "lr"))
     fixed = next(batches())[:8]  # the first training images, for the reconstruction grids
     for epoch in range(step // spe, args.epochs):
         if step >= stop:
@@ -222,30 +220,22 @@ def main(args):
                 disc_opt.step()
             log.add(step, loss=loss, **parts, disc_loss=d_loss, grad_norm=gnorm)
             step += 1
-            bar.update(1)
 
             ckpt_due = step < stop and (step % spe == 0 or (args.ckpt_every and step % args.ckpt_every == 0))
             if step % args.log_every == 0 or ckpt_due or step >= stop:  # one host sync per log
-                error = log.non_finite(epoch, ckpt_path, last_good)
-                if error:
-                    bar.close()
+                if log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc) is None:  # non-finite
                     common.cleanup_ddp()
-                    print(f"error: {error}", file=sys.stderr)
                     sys.exit(3)
-                rec = log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", l1=f"{rec['l1']:.4f}", lr=f"{lr:.2e}")
             if master and args.grid_every and (step % args.grid_every == 0 or step >= stop):
                 with torch.no_grad(), autocast():
                     rec_x = ema(ema.rae.encode_raw(fixed)).float()
                 common.save_grid(torch.cat([fixed, rec_x]), os.path.join(args.out, "recon", f"{step:07d}.png"),
                                  nrow=len(fixed))
             if ckpt_due:
-                if master:
-                    common.save_checkpoint(state(step // spe), ckpt_path)
-                last_good = step
+                log.save(step, state(step // spe))
             if step >= stop:
                 break
-    bar.close()
+    log.bar.close()
 
     # Save: norm2 of eq. 5 (clean tokens, EMA C, no flips) whenever the run stops
     if norm2 is None:
