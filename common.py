@@ -1,17 +1,9 @@
-"""What train_src.py, train_flow.py and sample.py share, written once.
-
-Contents, in order:
-  data         center_crop_arr (ADM's crop), ImageFolder (labels from sorted folder names, uint8
-               tensors, unreadable files named by path), training_set, EpochSampler (the per-epoch
-               distributed sampler, resumable mid-epoch), make_loader, to_unit
-  randomness   seed_of, step_generator, global_randn / global_rand and encoder_noise (eq. 7 / 8):
-               per-example randomness drawn for the whole global batch from a generator seeded by
-               (seed, step, stream), then the rank's rows taken, so N processes compute what one does
-  ddp          setup_ddp, cleanup_ddp, all_reduce_, average_grads, broadcast_module, channel_stats
-  training     update_ema, lr schedules, capture_rng / restore_rng, TrainLog (loss sums, the first
-               non-finite step, log.jsonl), atomic_write / save_checkpoint / save_json, save_grid,
-               UserError and run_cli (one-line errors, exit status 2)
-  stages       Stage1 (eq. 5, 8, 10), load_stage1, load_flow
+"""What train_src.py, train_flow.py and sample.py share, written once, in this order: data (ADM's centre
+crop, ImageFolder, the resumable distributed EpochSampler); per-example randomness drawn for the whole
+global batch from a generator seeded by (seed, step, stream), then the rank's rows taken, so N processes
+compute what one does (encoder_noise: the noise of eq. 7 / 8); DDP helpers and channel statistics;
+training helpers (EMA, LR schedules, RNG state, atomic files, TrainLog, grids, one-line errors); and the
+trained stages: Stage1 (eq. 5, 8, 10), load_stage1, load_flow.
 
 Images travel as uint8 (B, 3, S, S) from the loader and become floats in [0, 1] on the device.
 """
@@ -131,10 +123,7 @@ def training_set(args, image_size, rank=0, world=1):
     loader = torch.utils.data.DataLoader(_Readable([paths[i] for i in mine]), batch_size=64,
                                          num_workers=args.num_workers, collate_fn=list)
     bad = [paths[i] for i, good in zip(mine, [flag for batch in loader for flag in batch]) if not good]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, bad)
-        bad = sorted(p for part in gathered for p in part)
+    bad = sorted(sum(all_gather(bad), []))
     if bad and rank == 0:
         print(f"skipping {len(bad)} unreadable images: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)}", file=sys.stderr)
     return ImageFolder(args.data, image_size, exclude=bad) if bad else dataset
@@ -146,13 +135,13 @@ class EpochSampler(torch.utils.data.Sampler):
     batches is exactly the k-th global batch of a single process. set_epoch(epoch, start_step)
     starts mid-epoch after a resume without reading the skipped images."""
 
-    def __init__(self, n, global_batch, rank=0, world=1, seed=0, shuffle=True):
+    def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
             raise UserError(f"--batch-size {global_batch} is not divisible by the {world} processes")
         if n < global_batch:
             raise UserError(f"the dataset has {n} images, fewer than one global batch of {global_batch}")
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.steps_per_epoch = n // global_batch
         self.epoch, self.start_step = 0, 0
 
@@ -160,11 +149,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n, generator=g)
-        else:
-            order = torch.arange(self.n)
+        g = torch.Generator().manual_seed(seed_of(self.seed, 0xDA7A, self.epoch))  # 0xDA7A: the data-order stream
+        order = torch.randperm(self.n, generator=g)
         order = order[self.start_step * self.global_batch:self.steps_per_epoch * self.global_batch]
         return iter(order[self.rank::self.world].tolist())
 
@@ -264,6 +250,15 @@ def average_grads(params):
     flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
     for g, v in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(v.view_as(g))
+
+
+def all_gather(obj):
+    """Every rank's `obj` (any picklable object), in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module(module, src=0):

@@ -1,25 +1,21 @@
-"""Self-contained FID / sFID / Inception Score / precision / recall, the metrics of the paper's §4.
-
-All come from TensorFlow's 2015-12-05 Inception-v3 graph as the ADM evaluator reads it (openai/guided-diffusion
-`evaluations/evaluator.py`, behind the paper's numbers), rebuilt here by hand with its PyTorch port's weights.
+"""Self-contained FID / sFID / Inception Score / precision / recall, the metrics of the paper's §4, from TensorFlow's
+2015-12-05 Inception-v3 graph as the ADM evaluator reads it (openai/guided-diffusion `evaluations/evaluator.py`,
+behind the paper's numbers), rebuilt here by hand with its PyTorch port's weights.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz --weights W --json metrics.json
     python fid.py REF_DIR GEN_DIR --weights W --protocol pytorch-fid   # pytorch-fid's numbers
     python fid.py --save-stats imagenet_val/ val_stats.npz --weights W  # encode a reference once
     torchrun --nproc_per_node 8 fid.py REF GEN --weights W              # split across GPUs
 
-REF/GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` (`sample.py` output) and/or statistics
-`mu, sigma[, mu_s, sigma_s]`. ADM reference batches hold both: as in ADM's evaluator the (whole-training-set)
-statistics give FID and sFID, the images precision/recall only. Protocols: `adm` (default), the evaluator's:
-uint8 -> float 0..255 -> TF1 legacy ResizeBilinear to 299 -> (x - 128) / 128; `pytorch-fid`: x / 255 ->
-torch bilinear -> 2x - 1.
+REF/GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s, sigma_s]`.
+ADM reference batches hold both: as in ADM's evaluator the statistics give FID and sFID, the images P/R only.
+Protocols: `adm` (default), the evaluator's 0..255 -> TF1 legacy ResizeBilinear to 299 -> (x - 128) / 128, or
+`pytorch-fid`: x / 255 -> torch bilinear -> 2x - 1.
 
 API (sample.py --cfg-sweep; under torchrun call it on every rank):
     model = load_inception(path)
-    ref = load_features(source, model, protocol="adm", stats="stored", batch_size=50, device="cpu",
-                        num_workers=0, progress=True)     # a dict, reusable for several GEN sets
-    evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50, device="cpu",
-             num_workers=0, progress=True) -> {fid, sfid, inception_score, precision, recall, ...}
+    ref = load_features(source, model, protocol="adm", stats="stored", ...)   # a dict, reusable for several GENs
+    evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", ...) -> {fid, sfid, inception_score, ...}
 """
 
 import argparse
@@ -56,7 +52,6 @@ PR_BLOCK = 10000            # rows/columns per distance block (10k x 10k float32
 
 
 # ---- The FID Inception-v3 (TF 2015-12-05 graph): torchvision's module names (the weights load by name), TF's blocks
-
 class BasicConv2d(nn.Module):
     """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU. `fold()` merges the BN into the conv."""
 
@@ -165,8 +160,7 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/7c: 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | pool-1x1. The TF graph pools
-    by average in Mixed_7b but by max in Mixed_7c (pool='max'), unlike the paper and torchvision."""
+    """Mixed_7b/7c: 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | pool-1x1; TF pools by average in 7b, by max in 7c."""
 
     def __init__(self, cin, pool):
         super().__init__()
@@ -190,8 +184,7 @@ class InceptionE(nn.Module):
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3. Random weights (conv He-normal, BN identity) let a toy run calibrate
-    the BatchNorm statistics itself; `load_inception` reads the real ones."""
+    """The FID Inception-v3; random weights (conv He-normal, BN identity) until `load_inception` reads the real ones."""
 
     def __init__(self):
         super().__init__()
@@ -215,20 +208,17 @@ class InceptionV3(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, images):
         """images (B, 3, H, W) in [0, 1] -> pool3, logits, with pytorch-fid's preprocessing."""
         return self.features(_torch_resize(images))[:2]
 
     def features(self, x):
-        """x (B, 3, 299, 299) from `preprocess` -> pool3 (B, 2048), logits (B, 1008), spatial (B, 2023).
-        logits = pool3 @ fc.weight^T without fc.bias: TF's `softmax/logits/MatMul` that the IS code and ADM's
-        evaluator read. spatial (sFID) = the evaluator's `mixed_6/conv`[..., :7] in H, W, C order: TF names the
-        blocks mixed, mixed_1, ..., mixed_10 in order, so mixed_3 is Mixed_6a (35 -> 17) and mixed_6 is Mixed_6d,
-        whose bare `conv` (not `tower*`) is its 1x1 branch after BN and ReLU: its output's first 192 channels."""
+        """x (B, 3, 299, 299) from `preprocess` -> pool3 (B, 2048); logits (B, 1008) = pool3 @ fc.weight^T without
+        bias (TF's `softmax/logits/MatMul`, as ADM's evaluator); spatial (B, 2023) for sFID = the evaluator's
+        `mixed_6/conv`[..., :7] in H, W, C order (TF's mixed_6 is Mixed_6d, its `conv` the 1x1 branch)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"InceptionV3.features: expected (B, 3, 299, 299), got {tuple(x.shape)}")
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 149 -> 147
@@ -244,9 +234,7 @@ class InceptionV3(nn.Module):
 
 
 def load_inception(path, fold=True):
-    """FID Inception weights (torchvision key names) -> InceptionV3, eval mode, BatchNorm folded into the
-    convs unless fold=False. BatchNorm's `num_batches_tracked` are optional (unused; older files lack them)."""
-    path = str(path)
+    """FID Inception weights (torchvision key names) -> InceptionV3 in eval mode, BatchNorm folded unless fold=False."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path} not found; download them from {FID_WEIGHTS_URL}")
     try:
@@ -276,7 +264,6 @@ def load_inception(path, fold=True):
 
 
 # ---- Preprocessing: the two protocols ------------------------------------------------------------------------------
-
 def _torch_resize(x):
     """pytorch-fid: [0, 1] -> torch bilinear (align_corners=False) to 299 -> [-1, 1]."""
     if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
@@ -285,9 +272,8 @@ def _torch_resize(x):
 
 
 def tf_bilinear_resize(images, size):
-    """TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False), the 2015 graph's first op:
-    output pixel i reads the input at s = i * in / out (float32, as TF) between floor(s) and floor(s) + 1
-    clamped to the border, no antialiasing. images (B, C, H, W) float, any range; size int or (h, w)."""
+    """TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False, no antialiasing) of float images
+    (B, C, H, W) to size (int or (h, w)): pixel i reads s = i * in / out (float32) from floor(s), floor(s) + 1."""
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"tf_bilinear_resize: expected float (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
     out_h, out_w = (size, size) if isinstance(size, int) else size
@@ -302,8 +288,7 @@ def tf_bilinear_resize(images, size):
 
 
 def preprocess(images, protocol="adm"):
-    """Images (B, 3, H, W) valued 0..255 (uint8 or float) -> the graph's input (B, 3, 299, 299), as the
-    ADM evaluator feeds the TF graph (`adm`) or as pytorch-fid does (`pytorch-fid`)."""
+    """Images (B, 3, H, W) valued 0..255 -> the graph's input (B, 3, 299, 299), as the ADM evaluator or pytorch-fid."""
     x = images if images.is_floating_point() else images.float()
     if protocol == "pytorch-fid":
         return _torch_resize(x / 255)
@@ -313,7 +298,6 @@ def preprocess(images, protocol="adm"):
 
 
 # ---- Metrics -------------------------------------------------------------------------------------------------------
-
 def statistics(features):
     """(N, D) features -> float64 mean (D,) and unbiased covariance (D, D)."""
     f = np.asarray(features.cpu() if torch.is_tensor(features) else features, dtype=np.float64)
@@ -323,9 +307,8 @@ def statistics(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 as the ADM evaluator: scipy's sqrtm, eps on
-    both diagonals only if the root is not finite, an imaginary diagonal residue over 1e-3 is an error.
-    Clamped at 0: for two identical inputs sqrtm's rounding can otherwise give a tiny negative number."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 as the ADM evaluator (scipy's sqrtm, eps on both
+    diagonals only if the root is not finite, an imaginary diagonal over 1e-3 is an error), clamped at 0."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
     s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -345,8 +328,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
-    """exp(E_x KL(p(y|x) || p(y))) per consecutive split of `split_size` samples (the last may
-    be shorter, as ADM), averaged over splits. p(y|x) = softmax of the 1008 logits."""
+    """Mean over consecutive splits of `split_size` (the last may be shorter, as ADM) of exp(E_x KL(p(y|x) || p(y)))."""
     logits = torch.as_tensor(logits)
     if logits.ndim != 2 or len(logits) == 0:
         raise ValueError(f"inception_score: need logits (N > 0, classes), got {tuple(logits.shape)}")
@@ -354,8 +336,7 @@ def inception_score(logits, split_size=IS_SPLIT_SIZE):
     scores = []
     for part in logp.split(split_size):
         log_py = torch.logsumexp(part, 0) - math.log(len(part))        # log of the mean p(y|x)
-        kl = (part.exp() * (part - log_py)).sum(1).mean()
-        scores.append(kl.exp().item())
+        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp().item())    # exp(mean KL)
     return float(np.mean(scores))
 
 
@@ -365,24 +346,18 @@ def _sq_dists(a, b):
     return d.clamp_(min=0)
 
 
-def _manifold_radii(x, k, block):
-    """Squared distance from each row of x to its k-th nearest other row (self is the 0-th), from a
-    (block, N) distance slab per row block as the ADM evaluator (10k x 50k float32 = 2 GB)."""
-    return torch.cat([_sq_dists(x[i:i + block], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), block)])
-
-
 def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=None):
-    """Improved precision/recall (Kynkäänniemi et al., as the ADM evaluator): a set's manifold is the union of
-    balls around its features reaching their k-th nearest neighbour. precision = share of generated features
-    inside the reference manifold, recall the converse (distance <= radius). Blocks of `block` rows/columns."""
-    ref, gen = (torch.as_tensor(f) for f in (ref_features, gen_features))
-    ref, gen = (f.to(device or f.device, torch.float32) for f in (ref, gen))
+    """Improved precision/recall (Kynkäänniemi et al., as the ADM evaluator): precision = share of generated features
+    inside the reference manifold (balls reaching each feature's k-th nearest neighbour), recall the converse."""
+    ref, gen = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (ref_features, gen_features))
     if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
         raise ValueError(f"precision_recall: need (N, D) features of equal D, got {tuple(ref.shape)}, "
                          f"{tuple(gen.shape)}")
     if min(len(ref), len(gen)) <= k:
         raise ValueError(f"precision_recall: need more than k={k} features per set, got {len(ref)} and {len(gen)}")
-    r_ref, r_gen = _manifold_radii(ref, k, block), _manifold_radii(gen, k, block)
+    # radii: squared distance to the k-th nearest other feature (self is the 0-th), one (block, N) slab at a time
+    r_ref, r_gen = (torch.cat([_sq_dists(f[i:i + block], f).kthvalue(k + 1, dim=1).values
+                               for i in range(0, len(f), block)]) for f in (ref, gen))
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)   # recall
     gen_in = torch.zeros(len(gen), dtype=torch.bool, device=ref.device)   # precision
     for i in range(0, len(ref), block):
@@ -394,7 +369,6 @@ def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=
 
 
 # ---- Inputs: a folder of images, an npz of uint8 NHWC images (`arr_0`) and/or of statistics ------------------------
-
 class ImageFiles(torch.utils.data.Dataset):
     """Images under a folder (recursive, sorted) as uint8 (3, H, W); an unreadable one as a one-line error."""
 
@@ -417,8 +391,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 class ArrayImages(torch.utils.data.Dataset):
-    """uint8 NHWC images from an array (memory-mapped for uncompressed npz, so extract_features reads
-    it in the main process: no decoding to spread over workers, no copy of the map to send them)."""
+    """uint8 NHWC images from an array, maybe memory-mapped (extract_features reads it without workers)."""
 
     def __init__(self, array):
         self.array = array
@@ -431,8 +404,7 @@ class ArrayImages(torch.utils.data.Dataset):
 
 
 def _npz_member(path, name):
-    """The array `name` of an npz (None if absent): memory-mapped when stored uncompressed (np.savez), so
-    50k images need not fit in RAM; else loaded."""
+    """The array `name` of an npz (None if absent): memory-mapped when stored uncompressed (np.savez), else loaded."""
     with zipfile.ZipFile(path) as zf:
         if name + ".npy" not in zf.namelist():
             return None
@@ -452,8 +424,7 @@ def _npz_member(path, name):
 
 
 def open_source(path):
-    """REF/GEN path -> (images, stats): a Dataset of uint8 (3, H, W) images or None, and the stored
-    statistics {mu, sigma[, mu_s, sigma_s]} in float64 or None (ADM reference batches hold both)."""
+    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, stored float64 statistics or None)."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
@@ -462,10 +433,9 @@ def open_source(path):
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected a folder of images or an .npz (arr_0 images and/or mu/sigma statistics)")
     try:
-        with zipfile.ZipFile(path) as zf:
-            keys = sorted(n[:-4] for n in zf.namelist() if n.endswith(".npy"))
         arr = _npz_member(path, "arr_0")
         with np.load(path) as data:
+            keys = sorted(data.files)
             stats = {k: data[k].astype(np.float64) for k in STAT_KEYS if k in keys}
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read as npz ({type(e).__name__})") from None
@@ -481,19 +451,10 @@ def open_source(path):
 
 
 # ---- Feature extraction (one process or split across torchrun ranks) and the evaluation ---------------------------
-
 def _collate(items):
-    """uint8 (3, H, W) images -> [one batch], or one batch per image when sizes differ (features then do not
-    depend on batching). An error string (an unreadable file) is passed on."""
+    """uint8 (3, H, W) images -> [one batch], or one batch per image when sizes differ; passes an error string on."""
     error = next((t for t in items if isinstance(t, str)), None)
     return error or ([torch.stack(items)] if len({t.shape for t in items}) == 1 else [t[None] for t in items])
-
-
-def _gather(x, per, n):
-    """all_gather equal-size (zero-padded) slices and drop the padding -> (n, D) in dataset order."""
-    out = [x.new_empty(per, x.shape[1]) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.cat([x, x.new_zeros(per - len(x), x.shape[1])]))
-    return torch.cat(out)[:n]
 
 
 @torch.inference_mode()
@@ -522,7 +483,10 @@ def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
         dist.all_reduce(failed)
         if failed.item():
             raise ValueError(error or "feature extraction failed on another rank")
-        feats = [_gather(f, per, n) for f in feats]
+        gathered = [[f.new_empty(per, f.shape[1]) for _ in range(world)] for f in feats]
+        for f, out in zip(feats, gathered):     # equal-size (zero-padded) slices, the padding dropped below
+            dist.all_gather(out, torch.cat([f, f.new_zeros(per - len(f), f.shape[1])]))
+        feats = [torch.cat(out)[:n] for out in gathered]
     elif error:
         raise ValueError(error)
     return tuple(f.cpu().numpy() for f in feats)
@@ -530,9 +494,8 @@ def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
 
 def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50, device="cpu",
                   num_workers=0, progress=True):
-    """REF/GEN path -> what `evaluate` needs of it, to extract once and reuse: a dict of protocol, stats
-    (mu, sigma), stats_s (mu_s, sigma_s) or None, pool and logits (N, D) or None. stats="stored" takes an
-    npz's stored statistics (ADM's evaluator: the images serve P/R only), "images" recomputes them."""
+    """REF/GEN path -> a reusable dict of protocol, stats, stats_s (or None), pool, logits (or None) for `evaluate`.
+    stats="stored" takes an npz's stored statistics (as ADM's evaluator), "images" recomputes them."""
     if stats not in ("stored", "images"):
         raise ValueError(f"load_features: stats must be 'stored' or 'images', got {stats!r}")
     images, stored = open_source(source)
@@ -571,7 +534,6 @@ def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_siz
 
 
 # ---- Command line --------------------------------------------------------------------------------------------------
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID / sFID / IS / precision / recall (FID Inception-v3).")
     p.add_argument("ref", help="reference: image folder, npz with arr_0 and/or mu, sigma[, mu_s, sigma_s]")
@@ -582,8 +544,7 @@ def main(argv=None):
                    help="REF npz with images and statistics: FID/sFID from the stored ones (ADM) or its images")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if available")
-    p.add_argument("--num-workers", type=int, default=None,
-                   help="data loader workers (default: 0 on CPU, min(8, cpus) on GPU)")
+    p.add_argument("--num-workers", type=int, default=None, help="default: 0 on CPU, min(8, cpus) on GPU")
     p.add_argument("--save-stats", action="store_true", help="write REF's mu, sigma, mu_s, sigma_s to GEN")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--no-progress", action="store_true")
@@ -625,9 +586,8 @@ def main(argv=None):
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        names = [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "IS"), ("precision", "Precision"),
-                 ("recall", "Recall")]
-        print("\n".join(f"{name}: {metrics[key]}" for key, name in names if key in metrics))
+        names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
+        print("\n".join(f"{name}: {metrics[key]}" for key, name in names.items() if key in metrics))
         if args.json:
             with open(args.json + ".tmp", "w") as f:
                 json.dump(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol, ref_stats=args.ref_stats),

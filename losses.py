@@ -169,9 +169,10 @@ class DINODiscriminator(nn.Module):
     def __init__(self, backbone, kernel=9):
         super().__init__()
         self.backbone = [backbone]  # a list: not a submodule, so it stays frozen and out of state_dict
-        C = backbone.patch_embed.proj.out_channels
+        width = backbone.patch_embed.proj.out_channels
         self.heads = nn.ModuleList([
-            nn.Sequential(conv_norm_act(C, 1), Residual(conv_norm_act(C, kernel)), spectral_norm(nn.Conv1d(C, 1, 1)))
+            nn.Sequential(conv_norm_act(width, 1), Residual(conv_norm_act(width, kernel)),
+                          spectral_norm(nn.Conv1d(width, 1, 1)))
             for _ in range(len(backbone.taps) + 1)])
 
     def to(self, *args, **kwargs):

@@ -2,23 +2,19 @@
 
     z_raw = E(x) in R^{N x n},    z = (z_raw - mu_rae) / sqrt(var_rae + 1e-5),    x^ = D(z_raw)
 
-E (DINOv2) and D (RAE's MAE-style decoder, Hugging Face ViT-MAE layer names) are written out by hand so that
-the official DINOv2 checkpoints, the Hugging Face snapshots and the RAE release `model.pt` load without other
-libraries. The statistics are channel-wise values computed over images (the paper; common.channel_stats) or
-RAE's release `stat.pt` (per position, variance only).
-
-Where the weights live (nothing is downloaded here; pass local paths):
-  DINOv2-B/14 + 4 registers  https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth
-                             or the Hugging Face snapshot facebook/dinov2-with-registers-base
+E and D (RAE's decoder, ViT-MAE layer names) are written by hand, so official DINOv2 checkpoints, Hugging Face
+snapshots and RAE's `model.pt` load without other libraries. Statistics: channel-wise over images (the paper;
+common.channel_stats) or RAE's `stat.pt` (per position, variance only). Weights (local paths, no downloads):
+  DINOv2-B/14 + 4 registers  DINOV2_URL (official .pth) or the Hugging Face snapshot DINOV2_HF
   RAE decoder and stat.pt    `hf download nyu-visionx/RAE-collections` (decoders/dinov2/wReg_base/ViTXL_n08/model.pt,
                              stats/dinov2/wReg_base/imagenet1k/stat.pt)
 """
 
+import inspect
 import json
 import math
 import os
 import re
-import struct
 import sys
 
 import torch
@@ -32,16 +28,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STATS_EPS = 1e-5                                  # RAE: z = (z_raw - mean) / sqrt(var + eps)
 RAE_DECODER_HEADS = {768: 12, 1024: 16, 1152: 16}  # RAE configs/decoder/ViT{B,L,XL}: width -> heads
+RAE_DECODER_EXPECTED = f"an RAE decoder model.pt (a plain decoder state dict, `hf download {RAE_HF}`)"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
-# -----------------------------------------------------------------------------
-# DINOv2 encoder E (official layout: facebookresearch/dinov2 dinov2/models/vision_transformer.py)
+# ---- DINOv2 encoder E (official layout: facebookresearch/dinov2 dinov2/models/vision_transformer.py)
 
 def multihead_attention(q, k, v, num_heads):
-    """Softmax attention of (B, N, C) queries, keys and values split into num_heads heads of C / num_heads."""
-    B, N, C = q.shape
-    q, k, v = (t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+    """Softmax attention of (B, N, width) queries, keys and values split into num_heads heads."""
+    B, N, width = q.shape
+    q, k, v = (t.reshape(B, N, num_heads, width // num_heads).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, width)
 
 
 class Attention(nn.Module):
@@ -98,12 +97,9 @@ class Block(nn.Module):
 class DINOv2(nn.Module):
     """DINOv2 ViT with patch 14: images (B,3,H,W), ImageNet-normalized -> patch tokens (B, H/14 * W/14, C).
 
-    The tokens are read after the final LayerNorm *without* its affine map (RAE's convention); `norm.weight`
-    and `norm.bias` stay in the state dict only so that it is exactly the official checkpoint layout.
-    Position embeddings are resized from the checkpoint's pos_grid x pos_grid (37 for 518 px) as the matching
-    upstream hub model does: with registers, bicubic to the target size with antialias (dinov2_vit*14_reg:
-    interpolate_antialias=True, interpolate_offset=0); without, the historical bicubic with
-    scale_factor (h0 + 0.1) / M and no antialias.
+    Tokens are read after the final LayerNorm *without* its affine (RAE); `norm.*` only keeps the official layout.
+    The pos_grid x pos_grid position embeddings are resized as upstream: with registers, bicubic with antialias;
+    without, the historical bicubic with scale_factor (h0 + 0.1) / M and no antialias.
     """
 
     def __init__(self, embed_dim=768, depth=12, num_heads=12, patch_size=14, num_registers=4, pos_grid=37,
@@ -112,14 +108,13 @@ class DINOv2(nn.Module):
         self.embed_dim, self.depth, self.num_heads, self.patch_size = embed_dim, depth, num_heads, patch_size
         self.num_registers, self.pos_grid, self.init_values = num_registers, pos_grid, init_values
         self.mlp_ratio = mlp_ratio
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, embed_dim, patch_size, patch_size)
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv2d(3, embed_dim, patch_size, patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused here (iBOT masking), kept for the layout
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # unused (iBOT masking), kept for the layout
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
@@ -131,9 +126,7 @@ class DINOv2(nn.Module):
 
     def config(self):
         """The constructor arguments: a stage-1 checkpoint records them to refuse a different encoder file later."""
-        return dict(embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, patch_size=self.patch_size,
-                    num_registers=self.num_registers, pos_grid=self.pos_grid, init_values=self.init_values,
-                    mlp_ratio=self.mlp_ratio)
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
 
     def interpolate_pos_encoding(self, h0, w0):
         """(1, 1 + h0*w0, C) position embeddings for an h0 x w0 patch grid."""
@@ -141,11 +134,8 @@ class DINOv2(nn.Module):
         if h0 == M and w0 == M:  # upstream skips the resize when the grid already matches (and H == W)
             return pos
         grid = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
-        if self.num_registers:
-            grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=True, align_corners=False)
-        else:
-            grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M), mode="bicubic",
-                                 antialias=False, align_corners=False)
+        target = dict(size=(h0, w0)) if self.num_registers else dict(scale_factor=((h0 + 0.1) / M, (w0 + 0.1) / M))
+        grid = F.interpolate(grid, mode="bicubic", antialias=bool(self.num_registers), align_corners=False, **target)
         if grid.shape[-2:] != (h0, w0):
             raise ValueError(f"DINOv2: resized position grid {tuple(grid.shape[-2:])} != {(h0, w0)}")
         return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
@@ -166,13 +156,7 @@ class DINOv2(nn.Module):
         return x[:, 1 + self.num_registers:]
 
 
-# -----------------------------------------------------------------------------
-# Reading checkpoints (torch files, a small safetensors reader) and load_dinov2
-
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
+# ---- Reading checkpoints (torch files, a small safetensors reader) and load_dinov2
 
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: u64 little-endian header size, JSON header, raw little-endian data."""
@@ -180,9 +164,8 @@ def read_safetensors(path):
         raise ValueError(f"{path}: the safetensors reader needs a little-endian machine")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
             raise ValueError(f"{path}: truncated safetensors file ({size} bytes, too short for its header)")
         try:
             header = json.loads(f.read(n))
@@ -253,14 +236,13 @@ def _hf_snapshot_files(directory):
     """The weight file(s) of a Hugging Face snapshot directory."""
     single, index, binary = (os.path.join(directory, f) for f in
                              ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
+    if os.path.isfile(index) and not os.path.isfile(single):  # sharded safetensors
         with open(index) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-    if os.path.isfile(binary):
-        return [binary]
+            shards = set(json.load(f).get("weight_map", {}).values())
+        return [os.path.join(directory, name) for name in sorted(shards)]
+    found = [f for f in (single, binary) if os.path.isfile(f)]
+    if found:
+        return found[:1]
     raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin in this directory; expected a "
                             f"Hugging Face {DINOV2_HF} snapshot")
 
@@ -347,12 +329,10 @@ def load_dinov2(path):
     return dinov2_from_state_dict(sd, path)
 
 
-# -----------------------------------------------------------------------------
-# RAE decoder D (bytetriper/RAE src/stage1/decoders/decoder.py: GeneralDecoder with ViT-MAE layers)
+# ---- RAE decoder D (bytetriper/RAE src/stage1/decoders/decoder.py: GeneralDecoder with ViT-MAE layers)
 
 def sincos_pos_embed_2d(dim, grid):
-    """MAE's fixed 2-D sin-cos table (grid*grid, dim): first half encodes the column, second half the row;
-    each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 10000^(-k / (dim/4))."""
+    """MAE's fixed 2-D sin-cos table (grid*grid, dim): [sin, cos](column * omega), [sin, cos](row * omega)."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -385,11 +365,10 @@ class DecoderLayer(nn.Module):
 
 
 class RAEDecoder(nn.Module):
-    """D: tokens (B, N, in_dim) in raw encoder scale -> pixels (B, 3, H, W) in the ImageNet-normalized space.
+    """D: tokens (B, N, in_dim) in raw encoder scale -> ImageNet-normalized pixels (B, 3, H, W).
 
-    decoder_embed -> prepend trainable_cls_token -> + decoder_pos_embed (fixed sin-cos, row 0 = zeros for the
-    cls slot) -> ViT-MAE layers -> decoder_norm -> decoder_pred (p*p*3 per token) -> drop cls -> unpatchify
-    (each token's vector is read as (p, p, 3), tokens row-major). H = W = sqrt(num_patches) * patch_size.
+    decoder_embed -> prepend trainable_cls_token -> + decoder_pos_embed (fixed sin-cos, zero cls row) -> ViT-MAE
+    layers -> decoder_norm -> decoder_pred -> drop cls -> unpatchify. H = W = sqrt(num_patches) * patch_size.
     """
 
     def __init__(self, in_dim=768, hidden=1152, depth=28, num_heads=16, mlp_dim=4096, patch_size=16, num_patches=256):
@@ -400,9 +379,8 @@ class RAEDecoder(nn.Module):
         self.in_dim, self.hidden, self.depth, self.num_heads = in_dim, hidden, depth, num_heads
         self.mlp_dim, self.patch_size, self.num_patches, self.grid = mlp_dim, patch_size, num_patches, grid
         self.decoder_embed = nn.Linear(in_dim, hidden)
-        # A buffer, not a parameter: fixed even when the caller unfreezes D (same state-dict key as RAE).
-        self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(1, hidden), sincos_pos_embed_2d(hidden, grid)])
-                             .unsqueeze(0))
+        pos = torch.cat([torch.zeros(1, hidden), sincos_pos_embed_2d(hidden, grid)]).unsqueeze(0)
+        self.register_buffer("decoder_pos_embed", pos)  # a buffer (RAE's key): fixed even if D is unfrozen
         self.decoder_layers = nn.ModuleList([DecoderLayer(hidden, num_heads, mlp_dim) for _ in range(depth)])
         self.decoder_norm = nn.LayerNorm(hidden, eps=1e-12)
         self.decoder_pred = nn.Linear(hidden, patch_size * patch_size * 3)
@@ -410,8 +388,7 @@ class RAEDecoder(nn.Module):
 
     def config(self):
         """The constructor arguments (stored in stage-1 checkpoints)."""
-        return dict(in_dim=self.in_dim, hidden=self.hidden, depth=self.depth, num_heads=self.num_heads,
-                    mlp_dim=self.mlp_dim, patch_size=self.patch_size, num_patches=self.num_patches)
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
 
     def unpatchify(self, x):
         """(B, h*w, p*p*3) -> (B, 3, h*p, w*p) with the token vector laid out as (p_row, p_col, channel)."""
@@ -427,11 +404,7 @@ class RAEDecoder(nn.Module):
         x = x + self.decoder_pos_embed.to(x.dtype)
         for layer in self.decoder_layers:
             x = layer(x)
-        x = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-        return self.unpatchify(x)
-
-
-RAE_DECODER_EXPECTED = f"an RAE decoder model.pt (a plain decoder state dict, `hf download {RAE_HF}`)"
+        return self.unpatchify(self.decoder_pred(self.decoder_norm(x))[:, 1:])
 
 
 def _existing_file(path, expected):
@@ -476,16 +449,12 @@ def save_rae_decoder(decoder, path):
     os.replace(path + ".tmp", path)
 
 
-# -----------------------------------------------------------------------------
-# RAE: E, D and the latent statistics (eq. 1)
+# ---- RAE: E, D and the latent statistics (eq. 1)
 
 class RAE(nn.Module):
-    """Frozen E and D with the statistics of eq. 1. Images travel in [0, 1], (B, 3, S, S), S = image_size.
-
-    The token count and the pixel patch come from the decoder (16x16 tokens of 16 px for 256 px with RAE's
-    release); the encoder sees the same token grid at its own patch size. `mean` / `var` are (n,) (channel-wise,
-    as the paper) or (N, n) (per token, RAE's stat.pt); before any statistics are set they are 0 and 1.
-    """
+    """Frozen E and D with the statistics of eq. 1; images in [0, 1], (B, 3, S, S), S = image_size. The token grid
+    and pixel patch come from the decoder (the encoder sees the same grid at its own patch size). `mean` / `var`
+    are (n,) (channel-wise, the paper) or (N, n) (per token, RAE's stat.pt); 0 and 1 until set."""
 
     def __init__(self, encoder, decoder, image_size=256):
         super().__init__()
@@ -502,7 +471,6 @@ class RAE(nn.Module):
         self.register_buffer("mean", torch.zeros(encoder.embed_dim))
         self.register_buffer("var", torch.ones(encoder.embed_dim))
 
-    # ---- statistics
     def set_stats(self, mean, var):
         """Latent mean / variance shaped (n,) or (N, n)."""
         mean, var = torch.as_tensor(mean).float(), torch.as_tensor(var).float()
@@ -515,9 +483,8 @@ class RAE(nn.Module):
         self.mean, self.var = mean.to(self.mean.device), var.to(self.var.device)
 
     def load_stats(self, path):
-        """RAE's stat.pt: 'var' and an optional 'mean', each (C,), (C, 1, 1) or per position (C, H, W), which maps
-        to tokens as (H*W, C) in row-major order. A missing or None mean is zero, as in RAE's own loader: the
-        release DINOv2-B file holds only var (768, 16, 16), so eq. 1 is then z_raw / sqrt(var + 1e-5)."""
+        """RAE's stat.pt: 'var' and optional 'mean', each (C,), (C, 1, 1) or (C, H, W) -> tokens (H*W, C) row-major.
+        A missing or None mean is zero (RAE's loader; the DINOv2-B release holds only var): z_raw / sqrt(var + 1e-5)."""
         expected = f"RAE latent statistics stat.pt with 'var' (and optionally 'mean') (`hf download {RAE_HF}`)"
         path = _existing_file(path, expected)
         stats = _torch_load(path, expected)
@@ -535,7 +502,6 @@ class RAE(nn.Module):
             out[name] = t.contiguous()
         self.set_stats(out.get("mean", torch.zeros_like(out["var"])), out["var"])
 
-    # ---- encoder side
     def encode_raw(self, images):
         """z_raw = E(x): resize to the encoder input (bicubic, no antialias, as RAE), ImageNet-normalize, encode."""
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (self.image_size, self.image_size):
@@ -558,7 +524,6 @@ class RAE(nn.Module):
         """z = norm(E(x)). The noise of eq. 7/8 goes on E(x) before normalize, drawn by the training scripts."""
         return self.normalize(self.encode_raw(images))
 
-    # ---- decoder side
     def decode(self, z):
         """x^ = D(denorm(z)) mapped back from ImageNet normalization to [0, 1] (not clamped)."""
         return self.decoder(self.denormalize(z)) * self.pixel_std + self.pixel_mean

@@ -1,49 +1,32 @@
 """Sample images from a trained SRC-Flow (eq. 10), measure its exact likelihood (eq. 2, 9) and its
 stage-1 reconstructions (rFID).
 
-Generation (paper §3.4, eq. 10):
-
-    z ~ N(0, I)  ->  z_c = f^-1(z; y, w)  ->  denorm2  ->  C_dec  ->  RAE decode (denorm, D)
-      ->  clamp to [0, 1]  ->  uint8
-
-with classifier-free guidance of scale w by STARFlow's guided-Gaussian rule inside TARFlow.reverse,
-in every block (--guide-blocks all, the default) or in the deep block only (deep), and optionally
-SimFlow's score step after guidance (--score-step GAMMA, SimFlow eq. 6; 0, the paper's setting, is
-off). Sample i always uses the prior noise of a generator seeded by (seed, i) and the label plan[i]
-of a plan fixed by (seed, num, classes), so the images do not depend on the number of ranks or on
-the batch size. Non-finite samples stop the run with one line naming them.
+Generation (paper §3.4, eq. 10): z ~ N(0, I) -> z_c = f^-1(z; y, w) -> denorm2 -> C_dec -> RAE decode
+(denorm, D) -> clamp to [0, 1] -> uint8, with classifier-free guidance by STARFlow's rule inside
+TARFlow.reverse in every block (--guide-blocks all) or the deep block only (deep), and optionally
+SimFlow's score step (--score-step GAMMA, SimFlow eq. 6; 0, the paper's setting, is off). Sample i
+uses prior noise seeded by (seed, i) and label plan[i], so the images do not depend on the number of
+ranks or the batch size. Non-finite samples stop the run with one line naming them.
 
     python sample.py --ckpt runs/flow/checkpoint.pt --out samples/w0 --num-samples 64
     torchrun --nproc_per_node=8 sample.py --ckpt runs/flow/checkpoint.pt --out samples/w2 \\
         --num-samples 50000 --cfg 2.0 --no-png          # 50 per class, ADM-style samples.npz for fid.py
-    python fid.py VIRTUAL_imagenet256_labeled.npz samples/w2/samples.npz --weights pt_inception.pth
 
-Outputs in --out: images/000000.png ... (named by global index), samples.npz (`arr_0` uint8 NHWC,
-`arr_1` int64 labels, as the ADM evaluator and fid.py read it), grid.png (rows = classes, labelled)
-and info.json.
+Outputs in --out: images/000000.png ... (by global index), samples.npz (`arr_0` uint8 NHWC, `arr_1` int64
+labels, as the ADM evaluator reads it), grid.png (rows = classes, labelled) and info.json.
+--cfg-sweep 1,2,3 --ref REF --fid-weights FILE (with lists for --guide-blocks and --score-step too)
+samples every setting into --out/cfg-<w>[-deep][-score<g>]/ and scores it with fid.evaluate (sweep.json).
 
-Guidance sweep (--cfg-sweep 0,1,2,3 --ref REF --fid-weights FILE, optionally --guide-blocks all,deep
-and --score-step 0,0.25): samples --num-samples images per setting into --out/cfg-<w>[-deep][-score<g>]/
-and scores each with fid.evaluate (FID, sFID, IS, precision, recall), written to --out/sweep.json.
+Exact likelihood (--nll DIR, class subfolders or --nll-uncond): -log p(z_c | y) / (N d ln 2) per image
+(eq. 2, Gaussian constant included), mean and standard error: "noisy" builds z_c as in training (eq. 8,
+the flow's training noise, averaged over --nll-draws draws: the training objective on held-out data),
+"clean" without noise. Densities of continuous features: they can be negative and are not comparable
+with pixel-space bits/dim.
 
-Exact likelihood (--nll DIR): the flow gives log p(z_c | y) exactly (eq. 2); over a folder of images
-(class subfolders as in training, or --nll-uncond for the null label) it reports the negative
-log-likelihood of the compact features in bits per dimension of the compact space,
--log p(z_c | y) / (N * d * ln 2), Gaussian constant included, mean and standard error over images:
-  - "noisy": z_c built as in training, eq. 8, with the flow's training noise on the raw encoder
-    output; per image the NLL is averaged over --nll-draws noise draws (a Monte-Carlo estimate of
-    E_eps[-log p(z_c)], the flow's training objective on held-out data).
-  - "clean": z_c from the noise-free encoding (eps = 0), a point the flow never saw exactly.
-These are densities of continuous features (differential entropies), so they can be negative and
-are not comparable with pixel-space bits/dim.
-
-    torchrun --nproc_per_node=8 sample.py --ckpt runs/flow/checkpoint.pt --nll /data/imagenet/val
-
-Reconstructions for rFID (--reconstruct DIR --stage1 CKPT --out OUT): every image of DIR (ADM centre
-crop) and its reconstruction D(denorm(C_dec(C_enc(norm(E(x) + eps))))) go to OUT/originals.npz and
-OUT/recon.npz; `python fid.py OUT/originals.npz OUT/recon.npz --weights ...` is the rFID (paper: SRC
-0.62, RAE 0.57 on ImageNet val). --recon-rae reconstructs through the RAE alone, D(E(x) + eps) (the
-baseline); --recon-noise SIGMA adds eps ~ N(0, SIGMA^2) to E(x) (the paper's robustness curve).
+Reconstructions for rFID (--reconstruct DIR --stage1 CKPT --out OUT): each image of DIR (ADM centre
+crop) and D(denorm(C_dec(C_enc(norm(E(x) + eps))))) go to OUT/originals.npz and OUT/recon.npz, for
+`python fid.py OUT/originals.npz OUT/recon.npz` (paper: SRC 0.62, RAE 0.57 on ImageNet val);
+--recon-rae: the RAE alone, D(E(x) + eps); --recon-noise SIGMA: eps ~ N(0, SIGMA^2) (robustness).
 """
 
 import argparse
@@ -109,7 +92,7 @@ def class_plan(num, num_classes, classes="even", seed=0):
     if classes == "even":
         return np.arange(num, dtype=np.int64) % num_classes
     if classes == "random":
-        return np.random.default_rng([seed, 0x5EED]).integers(0, num_classes, num).astype(np.int64)
+        return np.random.default_rng(common.seed_of(seed, 0x5EED)).integers(0, num_classes, num).astype(np.int64)
     return np.asarray(classes, dtype=np.int64)[np.arange(num) % len(classes)]
 
 
@@ -227,25 +210,29 @@ def sample_images(flow, stage1, out, num, plan, guidance, seed, batch_size, rank
     return os.path.join(out, "samples.npz")
 
 
-def folder_images(root, image_size, flag):
-    """common.ImageFolder of `root` (class subfolders, or a flat folder of images), `flag` naming it in errors."""
+def folder(root, image_size, flag, limit):
+    """(common.ImageFolder of `root`: class subfolders or a flat folder of images, the number of its images used)."""
     if not os.path.isdir(root):
         raise UserError(f"{flag} {root}: no such folder")
-    return common.ImageFolder(root, image_size, flat=True)
+    data = common.ImageFolder(root, image_size, flat=True)
+    return data, min(limit or len(data), len(data))
 
 
-def load_batch(data, indices, device, dtype):
-    return torch.stack([data[int(i)][0] for i in indices]).to(device, dtype) / 255
+def batches(data, n, batch_size, rank, world, device, dtype, desc, progress):
+    """This rank's images r, r + world, ... of the first n: (global indices, images in [0, 1]) per batch."""
+    mine = np.arange(rank, n, world)
+    for s in tqdm(range(0, len(mine), batch_size), desc=desc, disable=rank != 0 or not progress):
+        idx = mine[s:s + batch_size]
+        yield idx, torch.stack([data[int(i)][0] for i in idx]).to(device, dtype) / 255
 
 
 def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limit, rank, world, device, dtype,
                  progress=True):
     """Exact NLL of a folder in bits/dim of the compact space, noisy (eq. 8) and clean; see the module doc."""
-    data = folder_images(root, stage1.image_size, "--nll")
+    data, n = folder(root, stage1.image_size, "--nll", limit)
     if flow.num_classes and not uncond and len(data.classes) != flow.num_classes:
         raise UserError(f"--nll {root}: {len(data.classes)} class subfolders but the flow has {flow.num_classes} "
                         f"classes (or pass --nll-uncond for the null-label likelihood)")
-    n = min(limit or len(data), len(data))
     labels = np.array([flow.num_classes if uncond else label for _, label in data.samples[:n]], dtype=np.int64)
     sigma, per_example = float(ckpt["noise_std"]), ckpt["noise_mode"] == "per-example"
     dims = flow.num_tokens * flow.in_channels
@@ -253,16 +240,15 @@ def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limi
     def nll(x, y):  # -log p(z_c | y) / (N d ln 2), eq. 2
         return -flow.log_prob(x, y if flow.num_classes else None).double() / (dims * math.log(2))
 
-    mine, rows = np.arange(rank, n, world), []
-    for s in tqdm(range(0, len(mine), batch_size), desc="nll", disable=rank != 0 or not progress):
-        idx = mine[s:s + batch_size]
+    rows = []
+    for idx, x in batches(data, n, batch_size, rank, world, device, dtype, "nll", progress):
         y = torch.from_numpy(labels[idx]).to(device)
-        z_raw = stage1.rae.encode_raw(load_batch(data, idx, device, dtype))                # E(x)
+        z_raw = stage1.rae.encode_raw(x)                                                    # E(x)
         clean = nll(stage1.compact(z_raw), y)
         noisy = sum(nll(stage1.compact(z_raw + encoder_noise_of(seed, idx, z_raw.shape[1:], sigma, per_example, 1, k)
                                        .to(device, dtype)), y) for k in range(draws)) / draws
         rows += list(zip(idx.tolist(), clean.tolist(), noisy.tolist()))
-    rows = sorted(sum(all_objects(rows, world), []))
+    rows = sorted(sum(common.all_gather(rows), []))
     mean_sem = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan)
     (clean_m, clean_s), (noisy_m, noisy_s) = mean_sem([r[1] for r in rows]), mean_sem([r[2] for r in rows])
     return dict(folder=root, num_images=len(rows), conditional=not uncond and flow.num_classes > 0,
@@ -271,24 +257,12 @@ def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limi
                 per_image=[dict(path=data.samples[i][0], clean=c, noisy=v) for i, c, v in rows])
 
 
-def all_objects(obj, world):
-    """Every rank's `obj`, in rank order."""
-    out = [obj]
-    if world > 1:
-        out = [None] * world
-        dist.all_gather_object(out, obj)
-    return out
-
-
 def reconstruct(stage1, root, out, rae_only, noise, seed, batch_size, limit, rank, world, device, dtype, progress):
     """originals.npz and recon.npz of a folder (ADM npz, uint8 NHWC) for rFID; see the module doc."""
-    data = folder_images(root, stage1.image_size, "--reconstruct")
-    n = min(limit or len(data), len(data))
-    mine, originals, recons = np.arange(rank, n, world), [], []
+    data, n = folder(root, stage1.image_size, "--reconstruct", limit)
+    originals, recons = [], []
     os.makedirs(out, exist_ok=True)
-    for s in tqdm(range(0, len(mine), batch_size), desc="reconstruct", disable=rank != 0 or not progress):
-        idx = mine[s:s + batch_size]
-        x = load_batch(data, idx, device, dtype)
+    for idx, x in batches(data, n, batch_size, rank, world, device, dtype, "reconstruct", progress):
         z_raw = stage1.rae.encode_raw(x)
         if noise > 0:
             z_raw = z_raw + encoder_noise_of(seed, idx, z_raw.shape[1:], noise, False, 2).to(device, dtype)

@@ -1,44 +1,37 @@
 """Transformer autoregressive affine flow (TARFlow) with SimFlow's upgrades, paper §2, eq. 2, 3, 9.
 
-Names: x (B, N, d) are the data tokens (the compact features), z the Gaussian prior side, y the
-class labels. The flow f = f_{K-1} o ... o f_0 maps x = x^0 to z = x^K. Block k reads the tokens
-in its own order, a permutation pi_k of 0..N-1 (step i reads token pi_k[i]; by default identity,
-reversed, identity, ...), and moves each token with an affine map whose parameters come from a
-causal Transformer over the tokens read before it:
+x (B, N, d) are the data tokens (the compact features), z the Gaussian prior side, y the class labels.
+The flow f = f_{K-1} o ... o f_0 maps x = x^0 to z = x^K. Block k reads the tokens in its own order, a
+permutation pi_k of 0..N-1 (default: identity, reversed, identity, ...), and moves each token with an
+affine map whose parameters come from a causal Transformer over the tokens read before it:
 
     x^{k+1}_i = (x^k_i - mu^k_i) * exp(-alpha^k_i),    x^k_i = x^{k+1}_i * exp(alpha^k_i) + mu^k_i   (eq. 3)
 
-(mu^k_i, alpha^k_i) depend on x^k_{<i} only (the Transformer output is shifted by one position;
-the first token read gets mu = alpha = 0), so the Jacobian is triangular and
+(mu^k_i, alpha^k_i) depend on x^k_{<i} only (the Transformer output is shifted by one position; the first token
+read gets mu = alpha = 0), so the Jacobian is triangular and
 
     log p(x|y) = log N(f(x); 0, I) + log|det df/dx|,   log|det df/dx| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
 
-and training minimises 0.5 ||f(x)||^2 + sum alpha (eq. 9). Following SimFlow (Table 8) the
-blocks are deep-shallow (depths [2, 2, 2, 2, 2, L]: the deep block is the last one in the
-data -> prior direction, i.e. the first one run when sampling) and each Transformer layer is
-conditioned on the class by adaLN-Zero (DiT). Label `num_classes` is the null label, used for
-label dropout in training and for the unconditional half of classifier-free guidance; an
+and training minimises 0.5 ||f(x)||^2 + sum alpha (eq. 9). Following SimFlow (Table 8) the blocks are deep-shallow
+(depths [2, 2, 2, 2, 2, L]: the deep block is the last one in the data -> prior direction, i.e. the first one run
+when sampling) and each Transformer layer is conditioned on the class by adaLN-Zero (DiT). Label `num_classes` is
+the null label, used for label dropout in training and for the unconditional half of classifier-free guidance; an
 unconditional flow (num_classes=0) has only the null label.
 
-Sampling (`reverse`) inverts the blocks token by token. Each block runs one fused step per
-token: the new token goes through the input projection and the layers once, its keys and
-values are written in place into caches preallocated for the whole sequence, and attention
-reads the cache prefix; the class modulation is computed once per block. With guidance w > 0
-the conditional and null-label passes run as one batch [cond; null] and their Gaussians are
-combined per element with STARFlow's guided-Gaussian rule (sigma = exp(alpha)):
+Sampling (`reverse`) inverts the blocks token by token: one fused step per token writes its keys and values into
+caches preallocated for the whole sequence; the class modulation is computed once per block. With guidance w > 0
+the conditional and null-label passes run as one batch [cond; null] and their Gaussians are combined per element
+with STARFlow's guided-Gaussian rule (sigma = exp(alpha)):
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
 
-Both halves of the batch then continue from the same guided token, as in STARFlow. By default
-(guide_blocks='all') every block is guided, since every block is class-conditional here;
-guide_blocks='deep' is STARFlow's top-block mode: only the deep block is guided and the shallow
-blocks then run conditional on y with w = 0, at batch B. After sampling, `score_step` takes
-SimFlow's score step (SimFlow eq. 6) with gradients of the exact log-density.
+Both halves then continue from the same guided token, as in STARFlow. guide_blocks='all' (default) guides every
+block; 'deep' is STARFlow's top-block mode: only the deep block is guided and the shallow blocks run conditional on
+y with w = 0, at batch B. `score_step` then takes SimFlow's score step (SimFlow eq. 6) with exact gradients.
 
-Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and
-the tokens passed between blocks stay in float32 (float64 when the model and input are
-float64, which the tests use for exact Jacobians).
+Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and the tokens between
+blocks stay in float32 (float64 for float64 model and input, as the tests use).
 """
 
 import math
@@ -47,11 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Model sizes (SimFlow Table 8; 'tiny' is for toy runs and tests). Width / head_dim = heads. With 1000
-# classes, d = 32 and 256 tokens: S 37M, B 141M, L 475M, XL 695M (Table 8's counts) and XXL 1.36B. XXL's
-# deep block has 46 layers, as SimFlow's §5 text says and its 1.4B count implies (its Table 8 prints 36,
-# which gives 1.12B). 'XXL-2048' is XXL at width 2048 (16 heads, 4.3B): the wider flow of the paper's naive
-# baseline (Table 1: a flow on the full 768-channel RAE tokens, width 1152 against 2048).
+# Model sizes (SimFlow Table 8; 'tiny' for toy runs and tests). With 1000 classes, d = 32, 256 tokens: S 37M,
+# B 141M, L 475M, XL 695M (Table 8) and XXL 1.36B: its deep block has 46 layers, as SimFlow's §5 and 1.4B count
+# say (Table 8 prints 36: 1.12B). 'XXL-2048' is XXL at width 2048 (4.3B): the paper's naive baseline (Table 1).
 SIZES = {
     'tiny': dict(channels=64, head_dim=32, depths=[1, 1, 1, 1, 1, 2]),
     'S': dict(channels=384, head_dim=64, depths=[2, 2, 2, 2, 2, 2]),
@@ -73,19 +64,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x):
-        B, N, C = x.shape
+        B, N, width = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(x.transpose(1, 2).reshape(B, N, width))
 
     def step(self, x, cache, t):
-        """x: (B, 1, C) token t; cache: (B, 2, heads, N, head_dim), written in place at t."""
-        B, _, C = x.shape
+        """x: (B, 1, width) token t; cache: (B, 2, heads, N, head_dim), written in place at t."""
+        B, _, width = x.shape
         qkv = self.qkv(x).view(B, 3, self.num_heads, self.head_dim)
         cache[:, :, :, t] = qkv[:, 1:]
         q = qkv[:, 0].unsqueeze(2)
         x = F.scaled_dot_product_attention(q, cache[:, 0, :, :t + 1], cache[:, 1, :, :t + 1])
-        return self.proj(x.reshape(B, 1, C))  # (B, heads, 1, hd) -> (B, 1, C): a view
+        return self.proj(x.reshape(B, 1, width))  # (B, heads, 1, hd) -> (B, 1, width): a view
 
 
 class Layer(nn.Module):
@@ -158,14 +149,12 @@ class FlowBlock(nn.Module):
             h = layer(h, mod)
         out = self.head(h, out_mod)
         out = F.pad(out[:, :-1], (0, 0, 1, 0))  # shift by one: token 0 gets mu = alpha = 0
-        mu, alpha = out.to(_affine_dtype(x)).chunk(2, dim=-1)
-        return mu, alpha
+        return out.to(_affine_dtype(x)).chunk(2, dim=-1)
 
     def forward(self, x, y):
         """x^{k+1} = (x^k - mu) * exp(-alpha) (eq. 3); returns it and log|det| = -sum alpha per example."""
         x = self.permute(x)
-        mods, out_mod = self.conditioning(y)
-        mu, alpha = self.params(x, mods, out_mod)
+        mu, alpha = self.params(x, *self.conditioning(y))
         z = (x.to(mu.dtype) - mu) * torch.exp(-alpha)
         return self.permute(z, inverse=True), -alpha.sum(dim=(1, 2))
 
@@ -290,16 +279,13 @@ class TARFlow(nn.Module):
     def log_prob(self, x, y=None):
         """Exact log p(x) in nats (eq. 2): log N(f(x); 0, I) + log|det df/dx|, per example (B,)."""
         z, logdet = self(x, y)
-        dims = z.shape[1] * z.shape[2]
-        return -0.5 * z.pow(2).sum(dim=(1, 2)) - 0.5 * dims * math.log(2 * math.pi) + logdet
+        return -0.5 * z.pow(2).sum(dim=(1, 2)) - 0.5 * z.shape[1:].numel() * math.log(2 * math.pi) + logdet
 
     @torch.no_grad()
     def reverse(self, z, y=None, guidance=0.0, guide_blocks='all'):
-        """Prior -> data: x = f^{-1}(z), token by token with KV caches; CFG (STARFlow rule) when guidance > 0.
-
-        z: (B, N, d) prior samples; y: labels (B,) or None (null label). guide_blocks: 'all' guides every
-        block, 'deep' only the deep block (run first); the shallow blocks then run on y alone with w = 0.
-        Returns x (B, N, d) in the affine dtype (float32, or float64 for float64 input)."""
+        """Prior -> data: x = f^{-1}(z) (B, N, d) in the affine dtype, token by token with KV caches; CFG (STARFlow
+        rule) when guidance > 0. y: labels (B,) or None (null label). guide_blocks: 'all' guides every block,
+        'deep' only the deep block (run first); the shallow blocks then run on y alone with w = 0."""
         self._check(z, 'reverse')
         if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
             raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
@@ -319,9 +305,9 @@ class TARFlow(nn.Module):
         return x
 
     def score_step(self, x, y, gamma):
-        """SimFlow's score step after guided sampling (SimFlow eq. 6), gradients of the exact log_prob by autograd:
-        x + gamma * (grad_x log p(x|y) - grad_x log p(x|null)). x: (B, N, d) samples from `reverse`; y: labels
-        (B,) or None. Works under torch.no_grad and inference mode; returns a detached tensor in the affine dtype."""
+        """SimFlow's score step (SimFlow eq. 6) on samples x from `reverse`, by autograd of the exact log_prob:
+        x + gamma * (grad_x log p(x|y) - grad_x log p(x|null)). Works under no_grad / inference mode; the result
+        is detached, in the affine dtype."""
         self._check(x, 'score_step')
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
             raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")

@@ -11,7 +11,7 @@ cosine to 2e-5, 16 epochs, EMA of C. Whenever the run stops (at the end or at --
 statistics norm2 of eq. 5 are computed with the EMA C and stored: the checkpoint is all stage 2 needs.
 
     python train_src.py --data /data/imagenet/train --out runs/src --encoder dinov2_vitb14_reg4_pretrain.pth \\
-        --decoder rae_decoder_xl/model.pt --rae-stats stat.pt --lpips-vgg vgg16-397923af.pth \\
+        --decoder ViTXL_n08/model.pt --lpips-vgg vgg16-397923af.pth \\
         --lpips-lin lpips_v0.1_vgg.pth --disc-encoder dino_deitsmall8_pretrain.pth
     torchrun --nproc_per_node=8 train_src.py ...          # same arguments, 8 GPUs (global batch 256)
     python train_src.py ... --resume                       # continue runs/src/checkpoint.pt exactly
@@ -47,15 +47,16 @@ LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_
 
 
 def build_decoder(args, encoder):
-    """D: built from --decoder-* to be trained (--train-decoder), or the released one, frozen."""
-    num_patches = (args.image_size // 16) ** 2
+    """D: built from --decoder-* to be trained (--train-decoder, RAE's patch 16), or the released one, frozen,
+    whose patch size and token count come from its file."""
     if args.train_decoder:
         return RAEDecoder(in_dim=encoder.embed_dim, hidden=args.decoder_width, depth=args.decoder_depth,
-                          num_heads=args.decoder_heads or 16, mlp_dim=args.decoder_mlp, num_patches=num_patches)
+                          num_heads=args.decoder_heads or 16, mlp_dim=args.decoder_mlp, patch_size=16,
+                          num_patches=(args.image_size // 16) ** 2)
     decoder = load_rae_decoder(args.decoder, num_heads=args.decoder_heads)
-    if decoder.num_patches != num_patches:
-        raise UserError(f"--decoder {args.decoder}: decodes {decoder.num_patches} tokens, but --image-size "
-                        f"{args.image_size} gives {num_patches}")
+    if decoder.num_patches * decoder.patch_size ** 2 != args.image_size ** 2:
+        raise UserError(f"--decoder {args.decoder}: decodes {decoder.num_patches} patches of {decoder.patch_size} px, "
+                        f"not {args.image_size} x {args.image_size} images (--image-size)")
     return decoder
 
 
@@ -301,8 +302,8 @@ def check_args(args):
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.image_size % 16:
-        raise UserError(f"--image-size must be a multiple of 16 (the RAE decoder's patch), got {args.image_size}")
+    if args.train_decoder and args.image_size % 16:
+        raise UserError(f"--image-size must be a multiple of 16 (the trained decoder's patch), got {args.image_size}")
     if args.noise_max < 0:
         raise UserError(f"--noise-max must be >= 0, got {args.noise_max}")
     if args.train_decoder == (args.decoder is not None):

@@ -503,3 +503,33 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     ckpt = load(out / "checkpoint.pt")
     assert ckpt["step"] < bad_step and f"(step {ckpt['step']})" in msg[0]
     assert all(torch.isfinite(v).all() for v in ckpt["flow"].values())
+
+
+def test_per_example_noise_distribution_is_fixed_per_global_example():
+    """--noise-mode per-example: sigma_i ~ U(0, sigma_flow) per image, then eps_i = sigma_i * N(0, I); drawn for the
+    global batch from the step's generator, so the ranks' rows together are exactly one process's draw."""
+    from scipy import stats
+    B, shape = 400, (16, 32)
+    full = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, True)
+    for world in (2, 4):
+        parts = [common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, r, world, "cpu", 0.4, True)
+                 for r in range(world)]
+        for r, part in enumerate(parts):
+            assert torch.equal(part, full[r::world])
+    # each image's std estimates its sigma: uniform on (0, 0.4) (Kolmogorov-Smirnov), zero mean, Gaussian shape
+    sigma = full.std(dim=(1, 2)).double().numpy()
+    assert stats.kstest(sigma / 0.4, "uniform").pvalue > 1e-3
+    z = (full / full.std(dim=(1, 2), keepdim=True)).flatten().numpy()
+    assert abs(z.mean()) < 0.01 and stats.kstest(z[:20000], "norm").pvalue > 1e-3
+    const = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, False)
+    assert (const.std(dim=(1, 2)) - 0.4).abs().max() < 0.05
+
+
+def test_default_loader_workers_fit_the_machine(monkeypatch):
+    """--num-workers defaults to min(8, cores per rank): never more processes than the machine has."""
+    cores = len(os.sched_getaffinity(0))
+    for local_world in (1, 2, 64):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+        for module, needed in ((train_src, ["--encoder", "e"]), (train_flow, ["--stage1", "s"])):
+            args = module.build_parser().parse_args(["--data", "d", "--out", "o"] + needed)
+            assert args.num_workers == min(8, cores // local_world)
