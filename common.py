@@ -428,8 +428,9 @@ class TrainLog:
         return record
 
     def save(self, step, state):
+        """state() builds the checkpoint; only rank 0 builds and writes it."""
         if self.master:
-            save_checkpoint(state, os.path.join(self.out, "checkpoint.pt"))
+            save_checkpoint(state(), os.path.join(self.out, "checkpoint.pt"))
         self.last_good = step
 
 

@@ -172,7 +172,7 @@ def main(args):
                 sample_grid(ema, stage1, 8, args.sample_cfg, args.seed, autocast,
                             os.path.join(args.out, "samples", f"{step:07d}.png"))
             if ckpt_due:
-                log.save(step, state(step // spe))
+                log.save(step, lambda: state(step // spe))
             if step >= stop:
                 break
     log.bar.close()

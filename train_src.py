@@ -233,7 +233,7 @@ def main(args):
                 common.save_grid(torch.cat([fixed, rec_x]), os.path.join(args.out, "recon", f"{step:07d}.png"),
                                  nrow=len(fixed))
             if ckpt_due:
-                log.save(step, state(step // spe))
+                log.save(step, lambda: state(step // spe))
             if step >= stop:
                 break
     log.bar.close()
