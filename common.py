@@ -1,11 +1,9 @@
-"""What train_src.py, train_flow.py and sample.py share, written once, in this order: data (ADM's centre
-crop, ImageFolder, the resumable distributed EpochSampler); per-example randomness drawn for the whole
-global batch from a generator seeded by (seed, step, stream), then the rank's rows taken, so N processes
-compute what one does (encoder_noise: the noise of eq. 7 / 8); DDP helpers and channel statistics;
-training helpers (EMA, LR schedules, RNG state, atomic files, TrainLog, grids, one-line errors); and the
-trained stages: Stage1 (eq. 5, 8, 10), load_stage1, load_flow.
-
-Images travel as uint8 (B, 3, S, S) from the loader and become floats in [0, 1] on the device.
+"""What train_src.py, train_flow.py and sample.py share, in this order: data (ADM's centre crop, ImageFolder,
+the resumable distributed EpochSampler); per-example randomness, drawn for the whole global batch so that N
+processes compute what one does (encoder_noise: the noise of eq. 7 / 8); DDP helpers and channel statistics;
+training helpers (EMA, the LR schedule, RNG state, atomic files, TrainLog, grids, one-line errors); and the
+trained stages: Stage1 (eq. 5, 8, 10), load_stage1, load_flow. Images travel as uint8 (B, 3, S, S) from the
+loader and become floats in [0, 1] on the device.
 """
 
 import json
@@ -60,7 +58,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, image_size, exclude=(), flat=False):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"{root}: no such folder; expected an ImageFolder (one subfolder per class)")
+            raise FileNotFoundError(f"{root}: no such folder; expected "
+                                    f"{'images' if flat else 'an ImageFolder (one subfolder per class)'}")
         self.root, self.image_size = root, image_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes and not flat:
@@ -80,36 +79,28 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def load(self, path):
+    def __getitem__(self, i):
+        path, label = self.samples[i]
         try:
             with Image.open(path) as im:
                 im = center_crop_arr(im.convert("RGB"), self.image_size)
         except Exception as e:  # PIL raises many types; name the file and the cause in one line
             raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e}); "
                             f"remove it or pass --skip-bad-images") from None
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        return self.load(path), label
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), label
 
 
-class _Readable(torch.utils.data.Dataset):
-    """Whether each image decodes (True / False), for training_set's --skip-bad-images check."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
+def _decodes(paths):
+    """Whether each image decodes (a list of bools): training_set's collate_fn, so it runs in the loader workers."""
+    flags = []
+    for path in paths:
         try:
-            with Image.open(self.paths[i]) as im:
+            with Image.open(path) as im:
                 im.convert("RGB")
-            return True
+            flags.append(True)
         except Exception:
-            return False
+            flags.append(False)
+    return flags
 
 
 def training_set(args, image_size, rank=0, world=1):
@@ -120,8 +111,8 @@ def training_set(args, image_size, rank=0, world=1):
         return dataset
     paths = [p for p, _ in dataset.samples]
     mine = list(range(rank, len(paths), world))
-    loader = torch.utils.data.DataLoader(_Readable([paths[i] for i in mine]), batch_size=64,
-                                         num_workers=args.num_workers, collate_fn=list)
+    loader = torch.utils.data.DataLoader([paths[i] for i in mine], batch_size=64, num_workers=args.num_workers,
+                                         collate_fn=_decodes)
     bad = [paths[i] for i, good in zip(mine, [flag for batch in loader for flag in batch]) if not good]
     bad = sorted(sum(all_gather(bad), []))
     if bad and rank == 0:
@@ -186,15 +177,11 @@ def step_generator(seed, step, stream, device):
     return torch.Generator(device=device).manual_seed(seed_of(seed, step, stream))
 
 
-def global_randn(gen, global_batch, shape, rank, world, device):
-    """N(0, 1) of shape (global_batch, *shape) drawn on every rank; returns this rank's rows
+def global_rand(gen, global_batch, shape, rank, world, device, normal=False):
+    """U[0, 1) (normal=True: N(0, 1)) of shape (global_batch, *shape), drawn on every rank; returns this rank's rows
     (r, r+W, ...), i.e. the examples EpochSampler gave it."""
-    return torch.randn((global_batch, *shape), generator=gen, device=device)[rank::world]
-
-
-def global_rand(gen, global_batch, shape, rank, world, device):
-    """U[0, 1) counterpart of global_randn."""
-    return torch.rand((global_batch, *shape), generator=gen, device=device)[rank::world]
+    draw = torch.randn if normal else torch.rand
+    return draw((global_batch, *shape), generator=gen, device=device)[rank::world]
 
 
 def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_example):
@@ -204,7 +191,7 @@ def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_exam
     scale = torch.full((global_batch,), float(sigma), device=device)[rank::world]
     if per_example:
         scale = global_rand(gen, global_batch, (), rank, world, device) * sigma
-    eps = global_randn(gen, global_batch, shape, rank, world, device)
+    eps = global_rand(gen, global_batch, shape, rank, world, device, normal=True)
     return scale.view(-1, *[1] * len(shape)) * eps
 
 
@@ -242,16 +229,6 @@ def all_reduce_(tensor, op="mean"):
     return tensor
 
 
-def average_grads(params):
-    """Average the .grad of `params` over ranks in one flat all-reduce (for modules not under DDP)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
-    for g, v in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(v.view_as(g))
-
-
 def all_gather(obj):
     """Every rank's `obj` (any picklable object), in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -259,13 +236,6 @@ def all_gather(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_module(module, src=0):
-    """Copy rank `src`'s parameters and buffers to every rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
 
 
 @torch.no_grad()
@@ -300,22 +270,13 @@ def update_ema(ema, model, decay):
         e.copy_(b)
 
 
-def lr_warmup_cosine(step, warmup_steps, total_steps, base, final):
-    """RAE's stage-1 schedule: linear warm-up from 0 ((step+1)/warmup), then cosine to `final`."""
-    if step < warmup_steps:
-        return base * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return final
-    t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def lr_constant_cosine(step, decay_start, total_steps, base, final):
-    """The flow's schedule: constant `base` until `decay_start`, then cosine to `final`."""
-    if step < decay_start:
-        return base
-    t = min((step - decay_start) / max(total_steps - decay_start, 1), 1.0)
-    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+def lr_schedule(step, warmup, decay_start, total, base, final):
+    """Linear warm-up from 0 ((step + 1) / warmup), constant `base` until `decay_start`, then cosine to `final` at
+    `total`. Stage 1 (RAE's) decays right after its warm-up (decay_start = warmup); the flow has no warm-up."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(max(step - decay_start, 0) / max(total - decay_start, 1), 1.0)
+    return base - (base - final) * 0.5 * (1.0 - math.cos(math.pi * t))
 
 
 def capture_rng():
@@ -524,6 +485,17 @@ class Stage1(nn.Module):
         return self.decode(self.compact(z_raw))
 
 
+def _recorded_part(ckpt_path, what, flag, path, load, config):
+    """E or a released D of a stage-1 checkpoint: load(path), refused unless its config() is the recorded one."""
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the {what} named by {ckpt_path} is missing; pass {flag} PATH where it "
+                                f"now lives")
+    model = load(path)
+    if model.config() != config:
+        raise UserError(f"{path}: {what} {model.config()} differs from the one {ckpt_path} was trained with ({config})")
+    return model
+
+
 def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), eval mode, no gradients.
 
@@ -540,26 +512,13 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
         raise UserError(f"{path}: stage-1 run has no compact statistics norm2 yet (train_src.py writes them when "
                         f"it stops); resume it with --resume --max-steps N to write them")
     enc, dec, comp = ckpt["encoder"], ckpt["decoder"], ckpt["compressor"]
-    enc_path = encoder or enc["path"]
-    if not os.path.exists(enc_path):
-        raise FileNotFoundError(f"{enc_path}: the DINOv2 encoder named by {path} is missing; "
-                                f"pass --encoder PATH where it now lives")
-    E = load_dinov2(enc_path)
-    if E.config() != enc["config"]:
-        raise UserError(f"{enc_path}: DINOv2 {E.config()} differs from the encoder {path} was trained with "
-                        f"({enc['config']})")
+    E = _recorded_part(path, "DINOv2 encoder", "--encoder", encoder or enc["path"], load_dinov2, enc["config"])
     if dec["state"] is not None:
         D = RAEDecoder(**dec["config"])
         D.load_state_dict(dec["state_ema" if ema else "state"])
     else:
-        dec_path = decoder or dec["path"]
-        if not dec_path or not os.path.exists(dec_path):
-            raise FileNotFoundError(f"{dec_path}: the RAE decoder named by {path} is missing; "
-                                    f"pass --decoder PATH where it now lives")
-        D = load_rae_decoder(dec_path, num_heads=dec["config"].get("num_heads"))
-        if D.config() != dec["config"]:
-            raise UserError(f"{dec_path}: RAE decoder {D.config()} differs from the one {path} was trained with "
-                            f"({dec['config']})")
+        D = _recorded_part(path, "RAE decoder", "--decoder", decoder or dec["path"],
+                           lambda p: load_rae_decoder(p, num_heads=dec["config"].get("num_heads")), dec["config"])
     rae = RAE(E, D, image_size=ckpt["image_size"])
     rae.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
     if comp["kind"] not in COMPRESSORS:

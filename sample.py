@@ -1,32 +1,27 @@
-"""Sample images from a trained SRC-Flow (eq. 10), measure its exact likelihood (eq. 2, 9) and its
-stage-1 reconstructions (rFID).
+"""Sample images from a trained SRC-Flow (eq. 10), measure its exact likelihood (eq. 2, 9) and its stage-1
+reconstructions (rFID).
 
-Generation (paper §3.4, eq. 10): z ~ N(0, I) -> z_c = f^-1(z; y, w) -> denorm2 -> C_dec -> RAE decode
-(denorm, D) -> clamp to [0, 1] -> uint8, with classifier-free guidance by STARFlow's rule inside
-TARFlow.reverse in every block (--guide-blocks all) or the deep block only (deep), and optionally
-SimFlow's score step (--score-step GAMMA, SimFlow eq. 6; 0, the paper's setting, is off). Sample i
-uses prior noise seeded by (seed, i) and label plan[i], so the images do not depend on the number of
-ranks or the batch size. Non-finite samples stop the run with one line naming them.
+Generation: z ~ N(0, I) -> z_c = f^-1(z; y, w) -> Stage1.decode (denorm2, C_dec, denorm, D) -> clamp -> uint8,
+with STARFlow's classifier-free guidance in every flow block (--guide-blocks all) or the deep block only (deep),
+then optionally SimFlow's score step (--score-step GAMMA, SimFlow eq. 6; 0, the paper's setting, is off). Sample
+i uses prior noise seeded by (seed, i) and label plan[i]: the images do not depend on ranks or batch size.
 
     python sample.py --ckpt runs/flow/checkpoint.pt --out samples/w0 --num-samples 64
     torchrun --nproc_per_node=8 sample.py --ckpt runs/flow/checkpoint.pt --out samples/w2 \\
         --num-samples 50000 --cfg 2.0 --no-png          # 50 per class, ADM-style samples.npz for fid.py
 
-Outputs in --out: images/000000.png ... (by global index), samples.npz (`arr_0` uint8 NHWC, `arr_1` int64
-labels, as the ADM evaluator reads it), grid.png (rows = classes, labelled) and info.json.
---cfg-sweep 1,2,3 --ref REF --fid-weights FILE (with lists for --guide-blocks and --score-step too)
-samples every setting into --out/cfg-<w>[-deep][-score<g>]/ and scores it with fid.evaluate (sweep.json).
+Outputs in --out: images/000000.png ..., samples.npz (`arr_0` uint8 NHWC, `arr_1` int64 labels, as the ADM
+evaluator reads it), grid.png (a row per class) and info.json. --cfg-sweep 1,2,3 --ref REF --fid-weights FILE
+(--guide-blocks and --score-step may be lists too) samples each setting into --out/cfg-<w>[-deep][-score<g>]/
+and scores it with fid.evaluate (sweep.json).
 
-Exact likelihood (--nll DIR, class subfolders or --nll-uncond): -log p(z_c | y) / (N d ln 2) per image
-(eq. 2, Gaussian constant included), mean and standard error: "noisy" builds z_c as in training (eq. 8,
-the flow's training noise, averaged over --nll-draws draws: the training objective on held-out data),
-"clean" without noise. Densities of continuous features: they can be negative and are not comparable
-with pixel-space bits/dim.
+--nll DIR: -log p(z_c | y) / (N d ln 2) per image (eq. 2), mean and standard error, "noisy" (z_c built as in
+training, eq. 8, averaged over --nll-draws noise draws: the training objective on held-out data) and "clean" (no
+noise). Densities of continuous features: they can be negative and are not comparable with pixel bits/dim.
 
-Reconstructions for rFID (--reconstruct DIR --stage1 CKPT --out OUT): each image of DIR (ADM centre
-crop) and D(denorm(C_dec(C_enc(norm(E(x) + eps))))) go to OUT/originals.npz and OUT/recon.npz, for
-`python fid.py OUT/originals.npz OUT/recon.npz` (paper: SRC 0.62, RAE 0.57 on ImageNet val);
---recon-rae: the RAE alone, D(E(x) + eps); --recon-noise SIGMA: eps ~ N(0, SIGMA^2) (robustness).
+--reconstruct DIR --stage1 CKPT --out OUT: each image (ADM centre crop) and Stage1(E(x) + eps) (--recon-rae: the
+RAE alone; --recon-noise SIGMA: eps ~ N(0, SIGMA^2)) go to OUT/originals.npz and OUT/recon.npz, for
+`python fid.py OUT/originals.npz OUT/recon.npz` (paper: SRC 0.62, RAE 0.57 rFID on ImageNet val).
 """
 
 import argparse
@@ -70,12 +65,10 @@ def parse_classes(text, num_classes):
     try:
         classes = [int(c) for c in text.split(",") if c.strip() != ""]
     except ValueError:
-        raise UserError(f"--classes: expected 'even', 'random' or comma-separated integers, got {text!r}")
-    if not classes:
-        raise UserError("--classes: empty class list")
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise UserError(f"--classes: {bad} outside the model's classes 0..{num_classes - 1}")
+        classes = []
+    if not classes or not all(0 <= c < num_classes for c in classes):
+        raise UserError(f"--classes: expected 'even', 'random' or a comma list of the model's classes "
+                        f"0..{num_classes - 1}, got {text!r}")
     return classes
 
 
@@ -107,13 +100,15 @@ def grid_order(labels, rows, cols):
 # Generation
 
 def load_models(args, device):
-    """(flow, its checkpoint record, Stage1) of --ckpt, with --stage1 / --encoder / --decoder overrides."""
-    flow, ckpt = common.load_flow(args.ckpt, device=device, ema=not args.no_ema)
-    stage1 = args.stage1 or ckpt["stage1"]
+    """(flow, its checkpoint record, Stage1) of --ckpt (only the Stage1 with --reconstruct), paths overridable."""
+    flow = ckpt = None
+    if args.reconstruct is None:
+        flow, ckpt = common.load_flow(args.ckpt, device=device, ema=not args.no_ema)
+    stage1 = args.stage1 or (ckpt or common.load_checkpoint(args.ckpt, "flow"))["stage1"]
     if not os.path.isfile(stage1):
         raise FileNotFoundError(f"{stage1}: the stage-1 checkpoint named by {args.ckpt} is missing; pass --stage1 PATH")
     stage1 = common.load_stage1(stage1, device, ema=not args.no_ema, encoder=args.encoder, decoder=args.decoder)
-    if flow.in_channels != stage1.C.d:
+    if flow is not None and flow.in_channels != stage1.C.d:
         raise UserError(f"{args.ckpt}: the flow models d={flow.in_channels} channels, the stage 1 gives {stage1.C.d}")
     return flow, ckpt, stage1
 
@@ -148,8 +143,9 @@ def autocast_for(device, precision):
                           enabled=precision == "bf16" or (precision == "auto" and dev_type == "cuda"))
 
 
-def gather_rows(rows, num, rank, world, out):
-    """Rank 0 gets the (num, ...) array whose rows r::world are rank r's `rows` (a shard file per rank)."""
+def gather_rows(parts, shape, num, rank, world, out):
+    """Rank 0 gets the (num, *shape) uint8 array whose rows r::world are rank r's `parts` (a shard file per rank)."""
+    rows = np.concatenate(parts) if parts else np.zeros((0, *shape), np.uint8)
     if world == 1:
         return rows
     shard = os.path.join(out, f".shard{rank}.npy")
@@ -187,9 +183,7 @@ def sample_images(flow, stage1, out, num, plan, guidance, seed, batch_size, rank
             common.atomic_write(os.path.join(out, "images", f"{i:06d}.png"),
                                 lambda f: Image.fromarray(img).save(f, format="PNG"))
     seconds = time.time() - t0
-    size = stage1.image_size
-    images = gather_rows(np.concatenate(parts) if parts else np.zeros((0, size, size, 3), np.uint8), num, rank, world,
-                         out)
+    images = gather_rows(parts, (stage1.image_size, stage1.image_size, 3), num, rank, world, out)
     if rank == 0:
         common.atomic_write(os.path.join(out, "samples.npz"), lambda f: np.savez(f, arr_0=images, arr_1=plan))
         order = grid_order(plan, *grid)
@@ -210,14 +204,6 @@ def sample_images(flow, stage1, out, num, plan, guidance, seed, batch_size, rank
     return os.path.join(out, "samples.npz")
 
 
-def folder(root, image_size, flag, limit):
-    """(common.ImageFolder of `root`: class subfolders or a flat folder of images, the number of its images used)."""
-    if not os.path.isdir(root):
-        raise UserError(f"{flag} {root}: no such folder")
-    data = common.ImageFolder(root, image_size, flat=True)
-    return data, min(limit or len(data), len(data))
-
-
 def batches(data, n, batch_size, rank, world, device, dtype, desc, progress):
     """This rank's images r, r + world, ... of the first n: (global indices, images in [0, 1]) per batch."""
     mine = np.arange(rank, n, world)
@@ -229,7 +215,8 @@ def batches(data, n, batch_size, rank, world, device, dtype, desc, progress):
 def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limit, rank, world, device, dtype,
                  progress=True):
     """Exact NLL of a folder in bits/dim of the compact space, noisy (eq. 8) and clean; see the module doc."""
-    data, n = folder(root, stage1.image_size, "--nll", limit)
+    data = common.ImageFolder(root, stage1.image_size, flat=True)
+    n = min(limit or len(data), len(data))
     if flow.num_classes and not uncond and len(data.classes) != flow.num_classes:
         raise UserError(f"--nll {root}: {len(data.classes)} class subfolders but the flow has {flow.num_classes} "
                         f"classes (or pass --nll-uncond for the null-label likelihood)")
@@ -259,7 +246,8 @@ def evaluate_nll(flow, ckpt, stage1, root, uncond, draws, seed, batch_size, limi
 
 def reconstruct(stage1, root, out, rae_only, noise, seed, batch_size, limit, rank, world, device, dtype, progress):
     """originals.npz and recon.npz of a folder (ADM npz, uint8 NHWC) for rFID; see the module doc."""
-    data, n = folder(root, stage1.image_size, "--reconstruct", limit)
+    data = common.ImageFolder(root, stage1.image_size, flat=True)
+    n = min(limit or len(data), len(data))
     originals, recons = [], []
     os.makedirs(out, exist_ok=True)
     for idx, x in batches(data, n, batch_size, rank, world, device, dtype, "reconstruct", progress):
@@ -270,8 +258,7 @@ def reconstruct(stage1, root, out, rae_only, noise, seed, batch_size, limit, ran
         check_finite(recon, idx, "reconstructions")
         originals.append(to_uint8(x))
         recons.append(to_uint8(recon))
-    shape = (0, stage1.image_size, stage1.image_size, 3)
-    originals, recons = [gather_rows(np.concatenate(p) if p else np.zeros(shape, np.uint8), n, rank, world, out)
+    originals, recons = [gather_rows(p, (stage1.image_size, stage1.image_size, 3), n, rank, world, out)
                          for p in (originals, recons)]
     if rank == 0:
         for name, arr in (("originals", originals), ("recon", recons)):
@@ -357,17 +344,14 @@ def main(args):
     rank, world, device = common.setup_ddp(args.device)
     dtype = torch.float64 if args.precision == "fp64" else torch.float32
     try:
+        flow, ckpt, stage1 = load_models(args, device)
+        stage1.to(dtype)
         if args.reconstruct is not None:
-            stage1 = args.stage1 or common.load_checkpoint(args.ckpt, "flow")["stage1"]
-            stage1 = common.load_stage1(stage1, device, ema=not args.no_ema, encoder=args.encoder,
-                                        decoder=args.decoder).to(dtype)
             with autocast_for(device, "fp32" if args.precision == "auto" else args.precision):
                 reconstruct(stage1, args.reconstruct, args.out, args.recon_rae, args.recon_noise, args.seed,
                             args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
             return
-        flow, ckpt, stage1 = load_models(args, device)
         flow.to(dtype)
-        stage1.to(dtype)
         if args.nll is not None:
             res = evaluate_nll(flow, ckpt, stage1, args.nll, args.nll_uncond, args.nll_draws, args.seed,
                                args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)

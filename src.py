@@ -11,6 +11,8 @@ COMPRESSORS maps train_src.py's --compressor value to the class (Table 5's convo
   identity  no compression, d = n: the full-representation baseline that the flow struggles with (§3.1, Table 1).
 """
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -36,7 +38,7 @@ class Compressor(nn.Module):
         self.n, self.d = n, d
 
     def config(self):
-        return dict(n=self.n, d=self.d)
+        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
 
     def _check(self, x, width, name):
         if x.dim() != 3 or x.shape[-1] != width:
@@ -73,9 +75,6 @@ class SRC(Compressor):
         self.dec_blocks = nn.Sequential(*[Block(n, num_heads, mlp_ratio) for _ in range(depth)])
         self.dec_norm = nn.LayerNorm(n, eps=1e-6)
         init_linear(self)
-
-    def config(self):
-        return dict(n=self.n, d=self.d, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
 
     def last_layer(self):
         """C_dec's last linear layer: the last block's fc2, or the d -> n projection when L = 0."""
@@ -151,9 +150,6 @@ class Identity(Compressor):
 
     def __init__(self, n=768):
         super().__init__(n, n)
-
-    def config(self):
-        return dict(n=self.n)
 
     def encode(self, z):
         return self._check(z, self.n, "encode")

@@ -11,18 +11,14 @@ Gaussian constant 0.5 ln(2 pi) per dim and converts to bits). Labels are replace
 label with probability 0.1 (classifier-free guidance).
 
     python train_flow.py --data /data/imagenet/train --stage1 runs/src/checkpoint.pt --out runs/flow
-    torchrun --nproc_per_node=8 train_flow.py --data /data/imagenet/train --stage1 runs/src/checkpoint.pt \\
-        --out runs/flow
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-endpoint=HOST:PORT train_flow.py ...     # several nodes
+    torchrun --nproc_per_node=8 train_flow.py ...     # same arguments, 8 GPUs (--nnodes for more)
     python train_flow.py ... --resume                 # continue runs/flow/checkpoint.pt exactly
-    python train_flow.py --data toy/ --stage1 toy_src/checkpoint.pt --out toy_flow --model tiny \\
-        --epochs 4 --batch-size 8 --device cpu       # toy run on a CPU
 
---batch-size is the global batch; per-example randomness (flip, eps, label drop) is drawn for the
-whole global batch from a generator seeded by (seed, step) and each rank takes its rows, so N
-processes follow the same trajectory as one process (up to float summation order). Ablations:
---noise-mode per-example (sigma ~ U(0, sigma_flow) per image, as stage 1) and --noise-std 0.
-Outputs in --out: checkpoint.pt (written atomically; what sample.py reads), log.jsonl, samples/*.png.
+--batch-size is the global batch; per-example randomness (flip, eps, label drop) is drawn for the whole global
+batch from a generator seeded by (seed, step) and each rank takes its rows, so N processes follow the same
+trajectory as one process (up to float summation order). Ablations: --noise-mode per-example (sigma ~
+U(0, sigma_flow) per image, as stage 1) and --noise-std 0. Outputs in --out: checkpoint.pt (written atomically;
+what sample.py reads), log.jsonl, samples/*.png.
 """
 
 import argparse
@@ -39,8 +35,6 @@ import common
 from common import UserError
 from tarflow import SIZES, TARFlow
 
-LN2 = math.log(2.0)
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 RESUME_KEPT = ("data", "stage1", "model", "batch_size", "epochs", "seed", "noise_std", "noise_mode", "label_drop",
                "unconditional")
 
@@ -134,7 +128,8 @@ def main(args):
     # Train: eq. 8 features, eq. 9 loss
     B, stop = args.batch_size, min(args.max_steps or total_steps, total_steps)
     log = common.TrainLog(["loss", "grad_norm"], args.out, step, total_steps, B, device, master, resume is not None,
-                          derive=lambda r: dict(bpd=(r["loss"] + HALF_LOG_2PI) / LN2), show=("loss", "bpd", "lr"))
+                          derive=lambda r: dict(bpd=(r["loss"] + 0.5 * math.log(2 * math.pi)) / math.log(2)),
+                          show=("loss", "bpd", "lr"))  # bits/dim with the Gaussian constant
     flow.train()
     for epoch in range(step // spe, args.epochs):
         if step >= stop:
@@ -152,7 +147,7 @@ def main(args):
                     zc = stage1.encode(common.to_unit(images, device, flip), eps)     # eq. 8
                 z, logdet = model(zc.float(), y)
             loss = nll_per_dim(z, logdet).mean()                                        # eq. 9 / (N d)
-            lr = common.lr_constant_cosine(step, decay_start, total_steps, args.lr, args.min_lr)
+            lr = common.lr_schedule(step, 0, decay_start, total_steps, args.lr, args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)

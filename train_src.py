@@ -15,16 +15,13 @@ statistics norm2 of eq. 5 are computed with the EMA C and stored: the checkpoint
         --lpips-lin lpips_v0.1_vgg.pth --disc-encoder dino_deitsmall8_pretrain.pth
     torchrun --nproc_per_node=8 train_src.py ...          # same arguments, 8 GPUs (global batch 256)
     python train_src.py ... --resume                       # continue runs/src/checkpoint.pt exactly
-    python train_src.py --data toy/ --out toy_src --encoder tiny_dinov2.pth --train-decoder --decoder-width 64 \\
-        --decoder-depth 2 --decoder-heads 1 --decoder-mlp 128 --image-size 32 --src-depth 1 --src-dim 8 \\
-        --perceptual-weight 0 --disc patch --epochs 4 --batch-size 8 --device cpu        # a toy run on a CPU
 
---compressor (Table 5): src (the paper), linear (token-wise, same losses), pca (fitted to the normalised RAE
-tokens, frozen) or identity (d = n); with nothing to train (pca or identity, released D) only the statistics
-are computed. --train-decoder builds D from --decoder-* and trains it with C (no released D for the data or
-resolution; toy runs). Randomness (flip, sigma, eps, augmentation) is drawn per global example from a
-generator seeded by (seed, step), and the adaptive weight uses rank-averaged gradients: N processes follow
-one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (input, EMA reconstruction).
+--compressor (Table 5): src (the paper), linear, pca (fitted to the normalised RAE tokens, frozen) or identity
+(d = n); with nothing to train only the statistics are computed. --train-decoder builds D from --decoder-* and
+trains it with C (toy runs; data or resolutions without a released D). Randomness (flip, sigma, eps,
+augmentation) is drawn per global example from a generator seeded by (seed, step) and the adaptive weight uses
+rank-averaged gradients: N processes follow one process's trajectory. Outputs in --out: checkpoint.pt,
+log.jsonl, recon/*.png (inputs above EMA reconstructions).
 """
 
 import argparse
@@ -127,7 +124,6 @@ def main(args):
         if args.disc_weight > 0:
             disc = (losses.DINODiscriminator(losses.load_dino_backbone(args.disc_encoder)) if args.disc == "dino"
                     else losses.PatchDiscriminator(args.disc_width)).to(device)
-            common.broadcast_module(disc)
             disc_opt = adamw(disc.parameters())
         opt = adamw(trainable)
     last_layer = decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
@@ -161,9 +157,11 @@ def main(args):
         f"({'C + D' if args.train_decoder else 'C'}); {len(dataset)} images, {spe} steps/epoch x {args.epochs} "
         f"epochs, global batch {B} on {world} process(es), {device}, {args.precision}")
 
-    # Train: eq. 7 with per-example noise, RAE's objective
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
-        if world > 1 and trainable else model  # buffers (statistics) are equal on every rank: no syncing
+    # Train: eq. 7 with per-example noise, RAE's objective. DDP averages the gradients of C (and D) and of the
+    # discriminator over the ranks; buffers (the statistics) are equal on every rank, so they are not synced.
+    ddp = lambda m: m if world == 1 or m is None or not trainable else DDP(
+        m, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+    net, disc_net = ddp(model), ddp(disc)
     stop = min(args.max_steps or total_steps, total_steps) if trainable else step
     norm2 = resume["norm2"] if resume is not None and stop <= step else None  # stale once C trains on
     raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
@@ -187,7 +185,7 @@ def main(args):
                 z_raw = rae.encode_raw(x).float()
 
             # generator step: C (and D with --train-decoder)
-            lr = common.lr_warmup_cosine(step, warmup, total_steps, args.lr, args.min_lr)
+            lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr, args.min_lr)
             for group in opt.param_groups:
                 group["lr"] = lr
             if disc is not None:
@@ -209,15 +207,15 @@ def main(args):
             if train_disc:
                 disc.train().requires_grad_(True)
                 for group in disc_opt.param_groups:
-                    group["lr"] = common.lr_warmup_cosine(step - disc_start, warmup, total_steps, args.lr, args.min_lr)
+                    group["lr"] = common.lr_schedule(step - disc_start, warmup, warmup, total_steps, args.lr,
+                                                     args.min_lr)
                 with torch.no_grad(), autocast():
                     fake = torch.round(model(z_raw).float().clamp(0, 1) * 255) / 127.5 - 1  # in [-1, 1]
                 with autocast():
-                    d_loss = losses.hinge_d_loss(disc(losses.diff_augment(x * 2 - 1, aug[2])),
-                                                 disc(losses.diff_augment(fake, aug[1])))
+                    d_loss = losses.hinge_d_loss(disc_net(losses.diff_augment(x * 2 - 1, aug[2])),
+                                                 disc_net(losses.diff_augment(fake, aug[1])))
                 disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
-                common.average_grads(disc.parameters())
                 disc_opt.step()
             log.add(step, loss=loss, **parts, disc_loss=d_loss, grad_norm=gnorm)
             step += 1

@@ -38,7 +38,8 @@ def naive_block_params(block, x_t, t, c, caches):
         sa, ca, ga, sm, cm, gm = layer.modulation(c)  # recomputed every step
         a = layer.attn
         B = h.shape[0]
-        q, k, v = a.qkv(torch.addcmul(sa, layer.norm1(h), ca)).view(B, 1, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = a.qkv(torch.addcmul(sa, layer.norm1(h), ca))
+        q, k, v = qkv.view(B, 1, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         cache['k'] = k if cache['k'] is None else torch.cat([cache['k'], k], dim=2)
         cache['v'] = v if cache['v'] is None else torch.cat([cache['v'], v], dim=2)
         o = F.scaled_dot_product_attention(q, cache['k'], cache['v'])
@@ -178,13 +179,13 @@ def main(args):
     else:
         rec['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mem = rec['peak_mem_fast_bytes'] if device.type == 'cuda' else rec['peak_rss_bytes']
-    print(f"sampling {args.device} {args.dtype} width {args.width} depths {args.depths} N={args.tokens} d={args.channels} "
-          f"B={args.batch} cfg={args.cfg}: fast {rec['fast_images_per_s']:.2f} img/s "
+    print(f"sampling {args.device} {args.dtype} width {args.width} depths {args.depths} N={args.tokens} "
+          f"d={args.channels} B={args.batch} cfg={args.cfg}: fast {rec['fast_images_per_s']:.2f} img/s "
           f"({rec['fast_ms_per_token_step']:.3f} ms/token step), naive {rec['naive_images_per_s']:.2f} img/s "
           f"({rec['naive_ms_per_token_step']:.3f} ms/token step), speedup {rec['speedup']:.2f}x, "
           f"max|diff| {rec['max_abs_diff']:.2e}, peak mem {mem / 2**20:.0f} MiB"
-          + (f", floor {max(rec['floor_ms_per_token_step_memory'], rec['floor_ms_per_token_step_flops']):.3f} ms/token step"
-             if device.type == 'cuda' else ''))
+          + (f", floor {max(rec['floor_ms_per_token_step_memory'], rec['floor_ms_per_token_step_flops']):.3f} "
+             f"ms/token step" if device.type == 'cuda' else ''))
     print(json.dumps(rec))
 
 

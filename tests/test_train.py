@@ -239,12 +239,12 @@ def test_dino_discriminator_reads_the_official_dino_layout(tmp_path, toy):
 # common.py: schedules, sampler, data
 
 def test_learning_rate_schedules_closed_form():
-    f = common.lr_warmup_cosine
+    f = lambda step, warmup, *rest: common.lr_schedule(step, warmup, warmup, *rest)   # stage 1: no plateau
     assert f(0, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-5)          # (step + 1) / warmup * base
     assert f(9, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-4)
     assert f(60, 10, 110, 2e-4, 2e-5) == pytest.approx(1.1e-4)        # half-way: (base + final) / 2
     assert f(110, 10, 110, 2e-4, 2e-5) == pytest.approx(2e-5)
-    g = common.lr_constant_cosine
+    g = lambda step, *rest: common.lr_schedule(step, 0, *rest)                        # flow: no warm-up
     assert g(0, 50, 100, 1e-4, 1e-6) == g(49, 50, 100, 1e-4, 1e-6) == 1e-4
     assert g(75, 50, 100, 1e-4, 1e-6) == pytest.approx((1e-4 + 1e-6) / 2)
     assert g(100, 50, 100, 1e-4, 1e-6) == pytest.approx(1e-6)
