@@ -59,7 +59,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root, image_size, exclude=(), flat=False):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder; expected "
-                                    f"{'images' if flat else 'an ImageFolder (one subfolder per class)'}")
+                                    f"{'a folder of images' if flat else 'an ImageFolder (one subfolder per class)'}")
         self.root, self.image_size = root, image_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes and not flat:

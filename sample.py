@@ -105,7 +105,7 @@ def load_models(args, device):
     if args.reconstruct is None:
         flow, ckpt = common.load_flow(args.ckpt, device=device, ema=not args.no_ema)
     stage1 = args.stage1 or (ckpt or common.load_checkpoint(args.ckpt, "flow"))["stage1"]
-    if not os.path.isfile(stage1):
+    if not args.stage1 and not os.path.isfile(stage1):  # a missing --stage1 is named by load_stage1
         raise FileNotFoundError(f"{stage1}: the stage-1 checkpoint named by {args.ckpt} is missing; pass --stage1 PATH")
     stage1 = common.load_stage1(stage1, device, ema=not args.no_ema, encoder=args.encoder, decoder=args.decoder)
     if flow is not None and flow.in_channels != stage1.C.d:

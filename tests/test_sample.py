@@ -218,6 +218,7 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
         (["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path], "nowhere"),
         (["--ckpt", flow, "--nll", tmp_path / "nowhere"], "nowhere"),
         (["--ckpt", flow, "--stage1", tmp_path / "gone.pt", "--out", tmp_path], "gone.pt"),
+        (["--stage1", tmp_path / "gone1.pt", "--reconstruct", pipeline["heldout"], "--out", tmp_path], "gone1.pt"),
         (["--ckpt", pipeline["stage1"], "--out", tmp_path], "checkpoint"),
     ]
     for argv, needle in cases:
@@ -225,6 +226,7 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
         assert cli(argv + ["--num-samples", 2, "--no-progress"]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and needle in err, (argv, err)
+        assert "named by None" not in err, (argv, err)  # a flag the user did not give is not blamed
 
 
 class TinyFeatures(torch.nn.Module):
