@@ -13,6 +13,7 @@ import random
 import re
 import sys
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from rae import RAE, RAEDecoder, load_dinov2, load_rae_decoder
+from rae import RAE, RAEDecoder, fingerprint, load_dinov2, load_rae_decoder
 from src import COMPRESSORS
 from tarflow import TARFlow
 
@@ -215,6 +216,9 @@ def setup_ddp(device=None):
 
 
 def cleanup_ddp():
+    """The end of a successful run: wait for every rank, then leave the process group. Never call it on an error
+    path (a `finally`): a rank that failed must exit at once, so that torchrun stops the others instead of
+    leaving them waiting in a barrier."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -436,7 +440,14 @@ def add_run_arguments(p):
 
 
 def run_cli(main, args):
-    """Run main(args); a user error (bad file, argument, data) is one line on stderr, exit 2."""
+    """Run main(args); a user error (bad file, argument, data) is one line on stderr, exit 2.
+
+    Under torchrun a failing rank leaves at once, without waiting for the others (os._exit: no barrier, no
+    join of the process group's threads), and torchrun then stops the whole job within a second. A rank that
+    only lost its peer (gloo's "Connection closed by peer") says so in one line instead of a traceback: the
+    cause is the other rank's error above it. Other exceptions keep their traceback."""
+    rank = int(os.environ.get("RANK", 0))
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
         return main(args)
     except (UserError, ValueError, FileNotFoundError) as e:
@@ -444,8 +455,22 @@ def run_cli(main, args):
         line = lines[-1]
         if len(lines) > 1:  # raised in a DataLoader worker: the message is its traceback; keep the cause
             line = re.sub(r"^[\w.]*(Error|Exception): ", "", line)
-        tqdm.write(f"error: {line}", file=sys.stderr)  # on its own line even under a progress bar
-        sys.exit(2)
+        newline = "\n" if rank > 0 else ""  # not glued to rank 0's progress bar on the shared terminal
+        tqdm.write(f"{newline}error: {line}", file=sys.stderr)  # on its own line even under a progress bar
+        code = 2
+    except Exception as e:
+        if not distributed:
+            raise
+        if "closed by peer" in str(e):  # gloo, once the other rank has exited
+            tqdm.write(f"error: rank {rank} lost another rank, which failed (see its error)", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 1
+    if distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------
@@ -485,14 +510,20 @@ class Stage1(nn.Module):
         return self.decode(self.compact(z_raw))
 
 
-def _recorded_part(ckpt_path, what, flag, path, load, config):
-    """E or a released D of a stage-1 checkpoint: load(path), refused unless its config() is the recorded one."""
+def _recorded_part(ckpt_path, what, flag, path, load, record):
+    """E or a released D of a stage-1 checkpoint: load(path), refused unless its config() and the fingerprint of
+    its weights are the recorded ones (checkpoints written before fingerprints were recorded: config only)."""
     if not path or not os.path.exists(path):
         raise FileNotFoundError(f"{path}: the {what} named by {ckpt_path} is missing; pass {flag} PATH where it "
                                 f"now lives")
     model = load(path)
-    if model.config() != config:
-        raise UserError(f"{path}: {what} {model.config()} differs from the one {ckpt_path} was trained with ({config})")
+    if model.config() != record["config"]:
+        raise UserError(f"{path}: {what} {model.config()} differs from the one {ckpt_path} was trained with "
+                        f"({record['config']})")
+    recorded = record.get("fingerprint")
+    if recorded is not None and fingerprint(model) != recorded:
+        raise UserError(f"{path}: {what} weights (fingerprint {fingerprint(model)}) are not the ones {ckpt_path} was "
+                        f"trained with ({recorded}); pass {flag} with the file stage 1 used")
     return model
 
 
@@ -500,7 +531,7 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), eval mode, no gradients.
 
     The checkpoint records what it was built from, and the same is rebuilt here or refused:
-    encoder = {kind, path, config}, decoder = {path, config, state, state_ema} (states when
+    encoder = {kind, path, config, fingerprint}, decoder = {path, config, fingerprint, state, state_ema} (states when
     train_src.py trained D), compressor = {kind, config, state, state_ema}, rae_stats and norm2
     ({mean, var}). The encoder and a released decoder are read from their files, which may have
     moved: `encoder` / `decoder` give their new paths (the scripts' --encoder / --decoder).
@@ -512,13 +543,13 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
         raise UserError(f"{path}: stage-1 run has no compact statistics norm2 yet (train_src.py writes them when "
                         f"it stops); resume it with --resume --max-steps N to write them")
     enc, dec, comp = ckpt["encoder"], ckpt["decoder"], ckpt["compressor"]
-    E = _recorded_part(path, "DINOv2 encoder", "--encoder", encoder or enc["path"], load_dinov2, enc["config"])
+    E = _recorded_part(path, "DINOv2 encoder", "--encoder", encoder or enc["path"], load_dinov2, enc)
     if dec["state"] is not None:
         D = RAEDecoder(**dec["config"])
         D.load_state_dict(dec["state_ema" if ema else "state"])
     else:
         D = _recorded_part(path, "RAE decoder", "--decoder", decoder or dec["path"],
-                           lambda p: load_rae_decoder(p, num_heads=dec["config"].get("num_heads")), dec["config"])
+                           lambda p: load_rae_decoder(p, num_heads=dec["config"].get("num_heads")), dec)
     rae = RAE(E, D, image_size=ckpt["image_size"])
     rae.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
     if comp["kind"] not in COMPRESSORS:

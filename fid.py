@@ -37,6 +37,8 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from common import center_crop_arr
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
@@ -370,10 +372,13 @@ def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=
 
 # ---- Inputs: a folder of images, an npz of uint8 NHWC images (`arr_0`) and/or of statistics ------------------------
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under a folder (recursive, sorted) as uint8 (3, H, W); an unreadable one as a one-line error."""
+    """Images under a folder (recursive, sorted) as uint8 (3, H, W); an unreadable one as a one-line error.
+    With image_size, each image is first brought to image_size x image_size by ADM's centre crop, as ADM made
+    its reference batches from ImageNet (None: as stored)."""
 
-    def __init__(self, root):
+    def __init__(self, root, image_size=None):
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.image_size = image_size
         if not self.files:
             raise ValueError(f"{root}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
 
@@ -383,7 +388,8 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.files[i]) as im:
-                a = np.asarray(im.convert("RGB"))
+                im = im.convert("RGB")
+                a = np.asarray(center_crop_arr(im, self.image_size) if self.image_size else im)
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return f"{self.files[i]}: unreadable image ({reason})"
@@ -423,13 +429,14 @@ def _npz_member(path, name):
         return data[name]
 
 
-def open_source(path):
-    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, stored float64 statistics or None)."""
+def open_source(path, image_size=None):
+    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, stored float64 statistics or None); a folder's
+    images are ADM-centre-cropped to image_size (None: as stored)."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
     if os.path.isdir(path):
-        return ImageFiles(path), None
+        return ImageFiles(path, image_size), None
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected a folder of images or an .npz (arr_0 images and/or mu/sigma statistics)")
     try:
@@ -493,12 +500,13 @@ def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
 
 
 def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50, device="cpu",
-                  num_workers=0, progress=True):
+                  num_workers=0, progress=True, image_size=None):
     """REF/GEN path -> a reusable dict of protocol, stats, stats_s (or None), pool, logits (or None) for `evaluate`.
-    stats="stored" takes an npz's stored statistics (as ADM's evaluator), "images" recomputes them."""
+    stats="stored" takes an npz's stored statistics (as ADM's evaluator), "images" recomputes them; a folder's
+    images are ADM-centre-cropped to image_size first (None: as stored)."""
     if stats not in ("stored", "images"):
         raise ValueError(f"load_features: stats must be 'stored' or 'images', got {stats!r}")
-    images, stored = open_source(source)
+    images, stored = open_source(source, image_size)
     if images is None and stats == "images":
         raise ValueError(f"{source}: holds only statistics; recomputing them needs images (arr_0)")
     out = dict(protocol=protocol, stats=None, stats_s=None, pool=None, logits=None)
@@ -514,10 +522,11 @@ def load_features(source, model=None, protocol="adm", stats="stored", batch_size
 
 
 def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50, device="cpu",
-             num_workers=0, progress=True):
+             num_workers=0, progress=True, image_size=None):
     """REF, GEN (paths or `load_features` dicts) -> {fid, and where they apply sfid (spatial statistics on
     both sides), inception_score (GEN images), precision, recall (images on both), num_ref, num_gen}."""
-    kw = dict(protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+    kw = dict(protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
+              image_size=image_size)
     ref = ref if isinstance(ref, dict) else load_features(ref, model, stats=ref_stats, **kw)
     gen = gen if isinstance(gen, dict) else load_features(gen, model, **kw)
     if ref["protocol"] != protocol or gen["protocol"] != protocol:
@@ -542,6 +551,9 @@ def main(argv=None):
     p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="preprocessing: ADM evaluator's (paper)")
     p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
                    help="REF npz with images and statistics: FID/sFID from the stored ones (ADM) or its images")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="folders only: ADM's centre crop of each image to this size first, as the ADM reference "
+                        "batches were made from ImageNet (512 for the 512 batch; 0: as stored)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if available")
     p.add_argument("--num-workers", type=int, default=None, help="default: 0 on CPU, min(8, cpus) on GPU")
@@ -563,35 +575,35 @@ def main(argv=None):
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
     try:
-        if args.batch_size < 1 or num_workers < 0:
-            raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+        if args.batch_size < 1 or num_workers < 0 or args.image_size < 0:
+            raise ValueError("--batch-size must be >= 1, --num-workers and --image-size >= 0")
         for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
             open_source(source)                       # check the inputs before the weights
         model = load_inception(args.weights)
         kw = dict(protocol=args.protocol, batch_size=args.batch_size, device=device, num_workers=num_workers,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, image_size=args.image_size or None)
         if args.save_stats:
             feats = load_features(args.ref, model, stats="images", **kw)
-            if rank == 0:
-                with open(args.gen + ".tmp", "wb") as f:
-                    np.savez(f, **dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"]))))
-                os.replace(args.gen + ".tmp", args.gen)       # atomically, as the JSON below
-                print(f"saved statistics of {len(feats['pool'])} images to {args.gen}")
-            return 0
-        metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
+        else:
+            metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
+        return 2  # at once, without waiting for the other ranks: torchrun then stops them
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0 and args.save_stats:
+        with open(args.gen + ".tmp", "wb") as f:
+            np.savez(f, **dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"]))))
+        os.replace(args.gen + ".tmp", args.gen)       # atomically, as the JSON below
+        crop = f", ADM centre crop to {args.image_size} px" if os.path.isdir(args.ref) and args.image_size else ""
+        print(f"saved statistics of {len(feats['pool'])} images{crop} to {args.gen}")
+    elif rank == 0:
         names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
         print("\n".join(f"{name}: {metrics[key]}" for key, name in names.items() if key in metrics))
         if args.json:
             with open(args.json + ".tmp", "w") as f:
-                json.dump(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol, ref_stats=args.ref_stats),
-                          f, indent=2)
+                json.dump(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol, ref_stats=args.ref_stats,
+                               folder_image_size=args.image_size), f, indent=2)
             os.replace(args.json + ".tmp", args.json)
     return 0
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from rae import Block
+from rae import Block, read_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
@@ -72,17 +72,16 @@ def load_lpips(vgg_path, lin_path):
                             (lin_path, "--lpips-lin (LPIPS v0.1 vgg.pth linear heads)", LPIPS_LIN_URL)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file; expected {what}, from {url}")
-    vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
+    vgg = read_state_dict(vgg_path, f"torchvision VGG16 weights ({VGG16_URL})")
     want = model.features.state_dict()
-    got = {k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")} \
-        if isinstance(vgg, dict) else {}
+    got = {k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")}
     if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
         raise ValueError(f"{vgg_path}: expected torchvision VGG16 weights with features.N.weight/bias "
                          f"(vgg16-397923af.pth from {VGG16_URL})")
     model.features.load_state_dict(got)
-    lin = torch.load(lin_path, map_location="cpu", weights_only=True)
+    lin = read_state_dict(lin_path, f"the LPIPS v0.1 linear heads vgg.pth ({LPIPS_LIN_URL})")
     for i, conv in enumerate(model.lins):
-        w = lin.get(f"lin{i}.model.1.weight", lin.get(f"lin{i}.model.0.weight")) if isinstance(lin, dict) else None
+        w = lin.get(f"lin{i}.model.1.weight", lin.get(f"lin{i}.model.0.weight"))
         if w is None or w.shape != conv.weight.shape:
             raise ValueError(f"{lin_path}: expected LPIPS linear heads lin0..lin4.model.1.weight of shapes "
                              f"(1,C,1,1) (the v0.1 vgg.pth from {LPIPS_LIN_URL})")
@@ -147,8 +146,8 @@ def load_dino_backbone(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file; expected --disc-encoder, the DINO ViT-S/8 weights "
                                 f"from {DINO_S8_URL} (or pass --disc patch)")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()} if isinstance(sd, dict) else {}
+    sd = read_state_dict(path, f"the DINO ViT-S/8 weights ({DINO_S8_URL})")
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
     dinov2 = "register_tokens" in sd or "mask_token" in sd or any(".ls1." in k for k in sd)
     if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd or dinov2:
         raise ValueError(f"{path}: expected a DINO (v1) ViT state dict (cls_token, pos_embed, patch_embed.proj, "

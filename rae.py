@@ -10,6 +10,7 @@ common.channel_stats) or RAE's `stat.pt` (per position, variance only). Weights 
                              stats/dinov2/wReg_base/imagenet1k/stat.pt)
 """
 
+import hashlib
 import inspect
 import json
 import math
@@ -204,7 +205,7 @@ def _torch_load(path, what):
                          f"({_one_line(e, 0)})") from None
 
 
-def _read_state_dict(path, what):
+def read_state_dict(path, what):
     """A flat {name: tensor} dict from a torch file or a safetensors file (by name or by its JSON header)."""
     with open(path, "rb") as f:
         head = f.read(9)
@@ -321,9 +322,9 @@ def load_dinov2(path):
         for f in _hf_snapshot_files(path):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f}: missing shard of the Hugging Face snapshot {path}")
-            sd.update(_read_state_dict(f, DINOV2_EXPECTED))
+            sd.update(read_state_dict(f, DINOV2_EXPECTED))
     elif os.path.isfile(path):
-        sd = _read_state_dict(path, DINOV2_EXPECTED)
+        sd = read_state_dict(path, DINOV2_EXPECTED)
     else:
         raise FileNotFoundError(f"{path}: no such file or directory; expected {DINOV2_EXPECTED}")
     return dinov2_from_state_dict(sd, path)
@@ -417,7 +418,7 @@ def _existing_file(path, expected):
 def load_rae_decoder(path, num_heads=None):
     """D from the RAE release model.pt; sizes inferred from the tensors, heads from RAE's configs unless given."""
     path = _existing_file(path, RAE_DECODER_EXPECTED)
-    sd = _read_state_dict(path, RAE_DECODER_EXPECTED)
+    sd = read_state_dict(path, RAE_DECODER_EXPECTED)
     if any(k in sd for k in ("pos_embed", "embeddings.position_embeddings", "patch_embed.proj.weight")):
         raise ValueError(f"{path}: this is a DINOv2 encoder checkpoint, not an RAE decoder; expected "
                          f"{RAE_DECODER_EXPECTED}")
@@ -441,6 +442,20 @@ def load_rae_decoder(path, num_heads=None):
                          mlp_dim=sd["decoder_layers.0.intermediate.dense.weight"].shape[0],
                          num_patches=sd["decoder_pos_embed"].shape[1] - 1)
     return _load_weights(decoder, sd, path, "RAE decoder", RAE_DECODER_EXPECTED)
+
+
+def fingerprint(model):
+    """A short sha256 of a model's weights (sorted names, shapes, float32 values): the same weights give the same
+    fingerprint whichever file held them (official .pth, Hugging Face safetensors or .bin). DINOv2's mask_token is
+    left out: unused by forward, and absent from some exports. A stage-1 checkpoint records the fingerprints of E and
+    of a released D, so that another file of the same architecture is refused later."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name == "mask_token":
+            continue
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy())
+    return digest.hexdigest()[:16]
 
 
 def save_rae_decoder(decoder, path):

@@ -201,6 +201,8 @@ def sample_images(flow, stage1, out, num, plan, guidance, seed, batch_size, rank
         common.save_json(info, os.path.join(out, "info.json"))
         print(f"wrote {num} samples ({seconds:.1f}s): {os.path.join(out, 'samples.npz')}, "
               f"{os.path.join(out, 'grid.png')}" + (f", {os.path.join(out, 'images')}/" if write_png else ""))
+    if world > 1:
+        dist.barrier()  # every rank returns once samples.npz exists (the sweep reads it on all ranks)
     return os.path.join(out, "samples.npz")
 
 
@@ -274,7 +276,8 @@ def sweep(flow, stage1, args, plan, settings, class_names, rank, world, device):
     """Sample every (w, guide_blocks, score step) setting and score it with fid.evaluate against --ref."""
     progress = rank == 0 and not args.no_progress
     model = fid.load_inception(args.fid_weights).to(device)
-    ref = fid.load_features(args.ref, model, batch_size=args.batch_size, device=device, progress=progress)
+    ref = fid.load_features(args.ref, model, batch_size=args.batch_size, device=device, progress=progress,
+                            image_size=stage1.image_size)  # a folder: ADM's crop at the samples' size
     table = []
     for w, blocks, gamma in settings:
         name = f"cfg-{w:g}" + ("-deep" if blocks == "deep" else "") + (f"-score{gamma:g}" if gamma else "")
@@ -340,41 +343,43 @@ def check_args(args):
 
 @torch.no_grad()
 def main(args):
+    """One mode per run. An error on one rank ends that process at once (no barrier on the way out);
+    torchrun then stops the other ranks, so a failure never hangs the job."""
     settings, class_names = check_args(args)
     rank, world, device = common.setup_ddp(args.device)
     dtype = torch.float64 if args.precision == "fp64" else torch.float32
-    try:
-        flow, ckpt, stage1 = load_models(args, device)
-        stage1.to(dtype)
-        if args.reconstruct is not None:
-            with autocast_for(device, "fp32" if args.precision == "auto" else args.precision):
-                reconstruct(stage1, args.reconstruct, args.out, args.recon_rae, args.recon_noise, args.seed,
-                            args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
-            return
+    flow, ckpt, stage1 = load_models(args, device)
+    stage1.to(dtype)
+    if args.reconstruct is not None:
+        with autocast_for(device, "fp32" if args.precision == "auto" else args.precision):
+            reconstruct(stage1, args.reconstruct, args.out, args.recon_rae, args.recon_noise, args.seed,
+                        args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
+    elif args.nll is not None:
         flow.to(dtype)
-        if args.nll is not None:
-            res = evaluate_nll(flow, ckpt, stage1, args.nll, args.nll_uncond, args.nll_draws, args.seed,
-                               args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
-            if rank == 0:
-                print(f"NLL of {res['num_images']} images in {args.nll} (bits per compact dimension, "
-                      f"N*d={res['dims']}, {'conditional' if res['conditional'] else 'null label'}):")
-                print(f"  noisy (sigma_flow={res['noise_std']:g} {res['noise_mode']}, {res['noise_draws']} draws): "
-                      f"{res['nll_bpd_noisy']:.4f} +- {res['nll_bpd_noisy_sem']:.4f}")
-                print(f"  clean (no noise): {res['nll_bpd_clean']:.4f} +- {res['nll_bpd_clean_sem']:.4f}")
-                if args.nll_json:
-                    common.save_json(res, args.nll_json)
-            return
+        res = evaluate_nll(flow, ckpt, stage1, args.nll, args.nll_uncond, args.nll_draws, args.seed,
+                           args.batch_size, args.limit, rank, world, device, dtype, not args.no_progress)
+        if rank == 0:
+            print(f"NLL of {res['num_images']} images in {args.nll} (bits per compact dimension, "
+                  f"N*d={res['dims']}, {'conditional' if res['conditional'] else 'null label'}):")
+            print(f"  noisy (sigma_flow={res['noise_std']:g} {res['noise_mode']}, {res['noise_draws']} draws): "
+                  f"{res['nll_bpd_noisy']:.4f} +- {res['nll_bpd_noisy_sem']:.4f}")
+            print(f"  clean (no noise): {res['nll_bpd_clean']:.4f} +- {res['nll_bpd_clean_sem']:.4f}")
+            if args.nll_json:
+                common.save_json(res, args.nll_json)
+    else:
+        flow.to(dtype)
         if flow.num_classes == 0 and any(w > 0 or g > 0 for w, _, g in settings):
             raise UserError(f"guidance and --score-step need a class-conditional flow; {args.ckpt} is unconditional")
-        plan = class_plan(args.num_samples, flow.num_classes, parse_classes(args.classes, flow.num_classes), args.seed)
+        plan = class_plan(args.num_samples, flow.num_classes, parse_classes(args.classes, flow.num_classes),
+                          args.seed)
         if args.cfg_sweep:
-            return sweep(flow, stage1, args, plan, settings, class_names, rank, world, device)
-        (w, blocks, gamma), = settings
-        sample_images(flow, stage1, args.out, args.num_samples, plan, w, args.seed, args.batch_size, rank, world,
-                      device, args.precision, blocks, gamma, not args.no_png, class_names,
-                      (args.grid_rows, args.grid_cols), not args.no_progress)
-    finally:
-        common.cleanup_ddp()
+            sweep(flow, stage1, args, plan, settings, class_names, rank, world, device)
+        else:
+            (w, blocks, gamma), = settings
+            sample_images(flow, stage1, args.out, args.num_samples, plan, w, args.seed, args.batch_size, rank,
+                          world, device, args.precision, blocks, gamma, not args.no_png, class_names,
+                          (args.grid_rows, args.grid_cols), not args.no_progress)
+    common.cleanup_ddp()
 
 
 def build_parser():

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import losses
 from common import UserError
-from rae import RAE, RAEDecoder, load_dinov2, load_rae_decoder
+from rae import RAE, RAEDecoder, fingerprint, load_dinov2, load_rae_decoder
 from src import COMPRESSORS
 
 RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor", "src_dim", "src_depth",
@@ -93,7 +93,18 @@ def main(args):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     encoder = load_dinov2(args.encoder)
     decoder = build_decoder(args, encoder)
+    fingerprints = dict(encoder=fingerprint(encoder),  # stage 2 refuses other weights of this shape
+                        decoder=None if args.train_decoder else fingerprint(decoder))
     C = build_compressor(args, encoder.embed_dim).to(device)
+    trains = args.train_decoder or any(True for _ in C.parameters())  # pca and identity have nothing to train
+
+    # The loss networks, read before the long statistics pass so that a bad weight file is refused at once
+    lpips = disc = None
+    if trains and args.perceptual_weight > 0:
+        lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
+    if trains and args.disc_weight > 0:
+        disc = (losses.DINODiscriminator(losses.load_dino_backbone(args.disc_encoder)) if args.disc == "dino"
+                else losses.PatchDiscriminator(args.disc_width)).to(device)
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
     if resume is not None:
         rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
@@ -114,18 +125,14 @@ def main(args):
     model = common.Stage1(rae, C).to(device)  # the eq. 7 path; norm2 stays the identity while training
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    # Create the losses and optimisers (when there is something to train)
-    lpips = disc = opt = disc_opt = None
+    # Create the optimisers (when there is something to train)
+    opt = disc_opt = None
     adamw = lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                                              fused=device.type == "cuda")
     if trainable:
-        if args.perceptual_weight > 0:
-            lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
-        if args.disc_weight > 0:
-            disc = (losses.DINODiscriminator(losses.load_dino_backbone(args.disc_encoder)) if args.disc == "dino"
-                    else losses.PatchDiscriminator(args.disc_width)).to(device)
-            disc_opt = adamw(disc.parameters())
         opt = adamw(trainable)
+    if disc is not None:
+        disc_opt = adamw(disc.parameters())
     last_layer = decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
 
     # Resume
@@ -143,8 +150,10 @@ def main(args):
     def state(epoch):
         return dict(stage="src", args=vars(args), step=step, epoch=epoch, image_size=args.image_size,
                     num_classes=len(dataset.classes),
-                    encoder=dict(kind="dinov2", path=os.path.abspath(args.encoder), config=encoder.config()),
+                    encoder=dict(kind="dinov2", path=os.path.abspath(args.encoder), config=encoder.config(),
+                                 fingerprint=fingerprints["encoder"]),
                     decoder=dict(path=os.path.abspath(args.decoder) if args.decoder else None, config=decoder.config(),
+                                 fingerprint=fingerprints["decoder"],
                                  state=decoder.state_dict() if args.train_decoder else None,
                                  state_ema=D_ema.state_dict() if args.train_decoder else None),
                     compressor=dict(kind=C.kind, config=C.config(), state=C.state_dict(), state_ema=C_ema.state_dict()),
@@ -167,6 +176,10 @@ def main(args):
     raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
     gan_start, disc_start = args.disc_start * spe, args.disc_upd_start * spe
     warmup = int(round(args.warmup_epochs * spe))
+    if disc is not None:
+        late = " (after this run's last step: no GAN in this run)" if gan_start >= stop else ""
+        say(f"GAN: the discriminator trains from step {disc_start} (--disc-upd-start {args.disc_upd_start} epochs), "
+            f"the adversarial loss trains C from step {gan_start} (--disc-start {args.disc_start} epochs){late}")
     log = common.TrainLog(LOG_KEYS, args.out, step, total_steps if trainable else step, B, device, master,
                           resume is not None, show=("loss", "l1", "lr"))
     fixed = next(batches())[:8]  # the first training images, for the reconstruction grids
@@ -285,8 +298,11 @@ def build_parser():
     p.add_argument("--disc-encoder", default=None, help=f"--disc dino: DINO ViT-S/8 weights ({losses.DINO_S8_URL})")
     p.add_argument("--disc-width", type=int, default=64, help="--disc patch: width of the first conv")
     p.add_argument("--disc-weight", type=float, default=0.75, help="adversarial loss weight (0: no GAN)")
-    p.add_argument("--disc-start", type=int, default=8, help="epoch from which the adversarial loss trains C")
-    p.add_argument("--disc-upd-start", type=int, default=6, help="epoch from which the discriminator is updated")
+    p.add_argument("--disc-start", type=int, default=8,
+                   help="epoch (not step) from which the adversarial loss trains C: a --max-steps run that stops "
+                        "earlier trains without the GAN")
+    p.add_argument("--disc-upd-start", type=int, default=6,
+                   help="epoch (not step) from which the discriminator is updated")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights of C (and D)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast precision of the passes")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between reconstruction grids (0: off)")

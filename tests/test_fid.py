@@ -524,8 +524,8 @@ def test_cli_equals_api(weights, tmp_path):
     _, path = weights
     ref = write_pngs(tmp_path / "ref", 4, seed=2, same=True)
     gen = write_pngs(tmp_path / "gen", 4, seed=3, high=100)
-    cli = run_cli(ref, gen, "--weights", path, "--batch-size", "4", "--json", tmp_path / "m.json",
-                  wait=False)                               # the API side runs meanwhile
+    cli = run_cli(ref, gen, "--weights", path, "--batch-size", "4", "--json", tmp_path / "m.json", "--image-size",
+                  "0", wait=False)                          # the API side runs meanwhile
     model = fid.load_inception(path)
     pr, lr, sr = fid.extract_features(model, fid.ImageFiles(ref), batch_size=4, progress=False)
     pg, lg, sg = fid.extract_features(model, fid.ImageFiles(gen), batch_size=4, progress=False)
@@ -551,7 +551,7 @@ def test_torchrun_split_gathers_the_same_statistics(weights, tmp_path):
     _, path = weights
     folder = write_pngs(tmp_path / "imgs", 3, seed=4)        # 3 images over 2 ranks: 2 + 1
     out = run_cli("--save-stats", folder, tmp_path / "s.npz", "--weights", path, "--batch-size", "2",
-                  "--device", "cpu", torchrun=True)          # gloo: also where a single GPU is visible
+                  "--device", "cpu", "--image-size", "0", torchrun=True)   # gloo: also where one GPU is visible
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("saved statistics") == 1        # rank 0 only
     with np.load(tmp_path / "s.npz") as saved:
@@ -565,6 +565,30 @@ def test_torchrun_split_gathers_the_same_statistics(weights, tmp_path):
         assert np.allclose(sigma, sigma1, rtol=1e-4, atol=1e-5 * np.abs(sigma1).max())
     images, stats = fid.open_source(tmp_path / "s.npz")     # and fid.py reads the file back
     assert images is None and sorted(stats) == ["mu", "mu_s", "sigma", "sigma_s"]
+
+
+def test_folders_are_adm_centre_cropped_by_default(weights, tmp_path):
+    """ADM made its reference batches with its centre crop (box halving, bicubic resize, centre square): a folder
+    of raw photos is read the same way by default (--image-size 256), as stored with --image-size 0."""
+    from common import center_crop_arr
+    _, path = weights
+    rng = np.random.default_rng(9)
+    (tmp_path / "raw").mkdir()
+    shapes = [(300, 540), (600, 280)]                        # (H, W): landscape and portrait, one >= 2x 256
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "raw" / f"{i}.png")
+    files = fid.ImageFiles(tmp_path / "raw", image_size=256)
+    for i in range(2):
+        want = np.asarray(center_crop_arr(Image.open(files.files[i]).convert("RGB"), 256))
+        assert want.shape == (256, 256, 3) and np.array_equal(files[i].permute(1, 2, 0).numpy(), want)
+        assert tuple(fid.ImageFiles(tmp_path / "raw")[i].shape[1:]) == shapes[i]   # as stored
+    out = run_cli("--save-stats", tmp_path / "raw", tmp_path / "s.npz", "--weights", path, "--batch-size", "2")
+    assert out.returncode == 0 and "2 images, ADM centre crop to 256 px" in out.stdout, out.stderr
+    model = fid.load_inception(path)
+    pool, _, spatial = fid.extract_features(model, files, batch_size=2, progress=False)
+    with np.load(tmp_path / "s.npz") as saved:
+        assert np.allclose(saved["mu"], pool.mean(0), rtol=1e-5, atol=1e-6 * np.abs(pool).max())
+        assert np.allclose(saved["mu_s"], spatial.mean(0), rtol=1e-5, atol=1e-6 * np.abs(spatial).max())
 
 
 def test_load_inception_accepts_missing_batch_counters_and_refuses_others(weights, tmp_path):

@@ -304,6 +304,25 @@ def test_dinov2_config_rebuilds_the_encoder(dinov2_files, tmp_path):
     assert other != cfg and other["init_values"] is None and other["num_registers"] == cfg["num_registers"]
 
 
+def test_fingerprint_is_the_weights_not_the_file(dinov2_files, tmp_path):
+    """The fingerprint a stage-1 checkpoint records: equal for the same weights in every layout (official .pth,
+    HF safetensors and .bin, an export without the unused mask_token), different for other weights of the same
+    shape; the RAE decoder's likewise."""
+    sd, tmp, x, ref, official = dinov2_files
+    prints = {layout: rae.fingerprint(rae.load_dinov2(tmp / layout)) for layout in ("official.pth", "hf_st", "hf_bin")}
+    torch.save({k: v for k, v in sd.items() if k != "mask_token"}, tmp_path / "no_mask.pth")
+    prints["no_mask"] = rae.fingerprint(rae.load_dinov2(tmp_path / "no_mask.pth"))
+    assert len(set(prints.values())) == 1, prints
+    other = dict(sd, **{"blocks.1.mlp.fc2.bias": sd["blocks.1.mlp.fc2.bias"] + 1e-3})   # one tensor moved a little
+    torch.save(other, tmp_path / "other.pth")
+    assert rae.fingerprint(rae.load_dinov2(tmp_path / "other.pth")) != prints["official.pth"]
+    dec = rae.RAEDecoder(in_dim=32, hidden=32, depth=1, num_heads=1, mlp_dim=64, patch_size=4, num_patches=4)
+    rae.save_rae_decoder(dec, str(tmp_path / "model.pt"))
+    assert rae.fingerprint(rae.load_rae_decoder(tmp_path / "model.pt", num_heads=1)) == rae.fingerprint(dec)
+    torch.nn.init.normal_(dec.decoder_pred.bias)
+    assert rae.fingerprint(dec) != rae.fingerprint(rae.load_rae_decoder(tmp_path / "model.pt", num_heads=1))
+
+
 def test_block_submodule_names():
     assert set(rae.Block(64, 1).state_dict()) == {
         "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",

@@ -2,7 +2,8 @@
 in order, in a folder holding tiny stand-ins of each file it names (random weights in the real layouts:
 the official DINOv2 .pth, RAE's decoder model.pt, torchvision's VGG16, the LPIPS v0.1 heads, a DINO ViT,
 the FID Inception state dict, an ADM reference batch). Only sizes are overridden (flags appended after the
-README's own, so argparse takes them): a flag the README uses that the code lost fails here."""
+README's own, so argparse takes them): a flag the README uses that the code lost fails here. `torchrun` lines
+run under torchrun with two processes (gloo on CPU), `python` lines as one process."""
 
 import os
 import re
@@ -97,7 +98,10 @@ def test_readme_recipe_runs_as_written(tmp_path):
         script, args = argv[i], [a.replace("/data/imagenet/train", str(train)).replace("/data/imagenet/val", str(val))
                                  for a in argv[i + 1:]]
         mode = next((f"{script} {m}" for m in ("--nll", "--reconstruct") if m in args), script)
-        cmd = [sys.executable, os.path.join(ROOT, script)] + args + [str(a) for a in TINY[mode]]
+        launcher = [sys.executable]  # torchrun lines run with two processes (gloo), as a user's would with N
+        if argv[0] == "torchrun":
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        cmd = launcher + [os.path.join(ROOT, script)] + args + [str(a) for a in TINY[mode]]
         res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(argv)}\n{res.stdout[-1500:]}\n{res.stderr[-2500:]}"
     for path in ("runs/src/checkpoint.pt", "runs/flow/checkpoint.pt", "recon/src/recon.npz", "recon/rae/recon.npz",

@@ -104,6 +104,23 @@ def run(args, nproc=1, check=True):
     return res
 
 
+def wake_zero_initialised_layers(path, std=0.05):
+    """Three toy steps leave adaLN-Zero's gates and the output layers near their zero start, so guidance, labels and
+    the score step would change samples by less than a uint8 step on some machines. Give every parameter that a
+    new flow starts at zero random values (flow and EMA weights), in place: the checkpoint keeps its format, and
+    the flow's conditioning now changes every sample for certain."""
+    from tarflow import TARFlow
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    fresh = TARFlow(**ckpt["flow_config"])
+    zero = [name for name, p in fresh.named_parameters() if not p.any()]
+    assert any(".ada" in name for name in zero) and any("proj_out" in name for name in zero)
+    g = torch.Generator().manual_seed(0)
+    for key in ("flow", "flow_ema"):
+        for name in zero:
+            ckpt[key][name] = torch.randn(ckpt[key][name].shape, generator=g) * std
+    torch.save(ckpt, path)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Random DINOv2 (official layout) -> train_src.py (D + SRC) -> train_flow.py, at toy size."""
@@ -120,6 +137,7 @@ def pipeline(tmp_path_factory):
          "--src-dim", 4, "--perceptual-weight", 0, "--disc", "patch", "--disc-width", 8] + common)
     run(["train_flow.py", "--stage1", tmp / "s1" / "checkpoint.pt", "--out", tmp / "s2", "--model", "tiny",
          "--ema", 0.5] + common)
+    wake_zero_initialised_layers(tmp / "s2" / "checkpoint.pt")
     return dict(tmp=tmp, flow=str(tmp / "s2" / "checkpoint.pt"), stage1=str(tmp / "s1" / "checkpoint.pt"),
                 heldout=str(heldout))
 
@@ -274,6 +292,24 @@ def test_guidance_sweep_reports_metrics_per_setting(pipeline, monkeypatch):
             == np.load(tmp / "sweep" / "cfg-0-deep" / "samples.npz")["arr_0"]).all()
 
 
+def test_guidance_sweep_under_torchrun_equals_one_process(pipeline, tmp_path):
+    """The README's sweep command with two processes: every rank scores samples.npz once rank 0 has written it,
+    and sweep.json equals one process's (random-weight Inception in its real layout)."""
+    import fid
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    args = ["sample.py", "--ckpt", pipeline["flow"], "--num-samples", 4, "--batch-size", 2, "--cfg-sweep", "1,2",
+            "--ref", pipeline["heldout"], "--fid-weights", weights, "--no-png", "--no-progress", "--device", "cpu"]
+    run(args + ["--out", tmp_path / "one"])
+    run(args + ["--out", tmp_path / "two"], nproc=2)
+    one, two = (json.load(open(tmp_path / name / "sweep.json"))["results"] for name in ("one", "two"))
+    assert [r["guidance"] for r in one] == [r["guidance"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert (np.load(a["samples"])["arr_0"] == np.load(b["samples"])["arr_0"]).all()
+        for key in ("fid", "sfid", "inception_score", "precision", "recall", "num_ref", "num_gen"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
 def test_deep_guidance_and_score_step_follow_the_flow(pipeline):
     """--guide-blocks deep and --score-step are TARFlow.reverse(guide_blocks='deep') and TARFlow.score_step."""
     from common import load_flow, load_stage1
@@ -376,3 +412,23 @@ def test_moved_weights_need_only_the_override_flags(pipeline, tmp_path, capsys):
     assert cli(sample_args + ["--out", tmp_path / "after"] + flags) is None
     a, b = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("before", "after"))
     assert (a == b).all()
+
+    # The same weights in the Hugging Face layout pass; other weights of the same architecture are refused
+    from test_rae import to_hf, write_safetensors
+    (tmp_path / "hf").mkdir()
+    write_safetensors(tmp_path / "hf" / "model.safetensors", to_hf(torch.load(moved / enc.name)))
+    hf = load_stage1(str(ckpt), encoder=str(tmp_path / "hf"), decoder=str(moved / dec.name))
+    with torch.no_grad():
+        assert torch.allclose(hf.encode(x), before.encode(x), atol=1e-6)
+    torch.manual_seed(2)
+    torch.save(rae.DINOv2(embed_dim=32, depth=1, num_heads=1, num_registers=4, pos_grid=2).state_dict(),
+               tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_stage1(str(ckpt), encoder=str(tmp_path / "other.pth"), decoder=str(moved / dec.name))
+    rae.save_rae_decoder(rae.RAEDecoder(in_dim=32, hidden=32, depth=1, num_heads=1, mlp_dim=64, patch_size=16,
+                                        num_patches=4), str(tmp_path / "other_decoder.pt"))
+    capsys.readouterr()
+    assert cli(sample_args + ["--out", tmp_path / "other", "--encoder", moved / enc.name, "--decoder",
+                              tmp_path / "other_decoder.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "fingerprint" in err and "--decoder" in err, err

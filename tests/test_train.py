@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -295,7 +296,7 @@ def test_image_folder_errors_and_unreadable_files(tmp_path):
 
 def cli(module, args, capsys, stream="err"):
     """module.main through common.run_cli in this process, on one thread as run() (the same numbers, without
-    an interpreter start-up): (exit status, stderr or stdout)."""
+    an interpreter start-up): (exit status, stderr, stdout or both (stdout, stderr))."""
     code, threads = 0, torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -304,7 +305,8 @@ def cli(module, args, capsys, stream="err"):
         code = e.code
     finally:
         torch.set_num_threads(threads)
-    return code, getattr(capsys.readouterr(), stream)
+    captured = capsys.readouterr()
+    return code, captured if stream == "both" else getattr(captured, stream)
 
 
 def test_cli_errors_are_one_line(tmp_path, toy, stage1, capsys):
@@ -330,6 +332,16 @@ def test_cli_errors_are_one_line(tmp_path, toy, stage1, capsys):
     assert load(tmp_path / "o3" / "checkpoint.pt")["step"] == 1       # 6 readable images, one batch of 4
     code, err = cli(train_src, src_args(toy, tmp_path / "o4", ["--perceptual-weight", 1]), capsys)
     assert code == 2 and "--lpips-vgg" in err and "Traceback" not in err
+    # Truncated weight files of the losses: one line naming the file, before the long statistics pass
+    torch.save({f"features.{i}.weight": torch.zeros(64, 64, 3, 3) for i in range(4)}, tmp_path / "full.pth")
+    cut = tmp_path / "full.pth"
+    (tmp_path / "cut.pth").write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
+    for flags in (["--perceptual-weight", 1, "--lpips-vgg", tmp_path / "cut.pth", "--lpips-lin", cut],
+                  ["--disc", "dino", "--disc-encoder", tmp_path / "cut.pth"]):
+        code, (out, err) = cli(train_src, src_args(toy, tmp_path / "o5", flags), capsys, "both")
+        errors = [l for l in err.splitlines() if l.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "cut.pth" in errors[0] and "Traceback" not in err, err
+        assert "computing the RAE statistics" not in out, out
 
 
 def test_every_argument_has_help_and_paper_defaults():
@@ -381,8 +393,11 @@ def test_stage1_checkpoint_and_norm2_reproduce_the_normalisation(toy, stage1):
     assert set(ckpt) == {"stage", "args", "step", "epoch", "image_size", "num_classes", "encoder", "decoder",
                          "compressor", "rae_stats", "norm2", "optimizer", "discriminator", "disc_optimizer", "rng",
                          "world_size", "steps_per_epoch"}
-    assert set(ckpt["encoder"]) == {"kind", "path", "config"} and ckpt["encoder"]["kind"] == "dinov2"
-    assert set(ckpt["decoder"]) == {"path", "config", "state", "state_ema"} and ckpt["decoder"]["path"] is None
+    assert set(ckpt["encoder"]) == {"kind", "path", "config", "fingerprint"} and ckpt["encoder"]["kind"] == "dinov2"
+    assert set(ckpt["decoder"]) == {"path", "config", "fingerprint", "state", "state_ema"}
+    assert ckpt["decoder"]["path"] is None and ckpt["decoder"]["fingerprint"] is None     # D trained: states kept
+    import rae
+    assert ckpt["encoder"]["fingerprint"] == rae.fingerprint(rae.load_dinov2(str(toy / "dinov2.pth")))
     assert set(ckpt["compressor"]) == {"kind", "config", "state", "state_ema"} and ckpt["compressor"]["kind"] == "src"
     assert ckpt["stage"] == "src" and ckpt["num_classes"] == 2 and ckpt["image_size"] == 32
     s1 = common.load_stage1(str(stage1))
@@ -533,3 +548,57 @@ def test_default_loader_workers_fit_the_machine(monkeypatch):
         for module, needed in ((train_src, ["--encoder", "e"]), (train_flow, ["--stage1", "s"])):
             args = module.build_parser().parse_args(["--data", "d", "--out", "o"] + needed)
             assert args.num_workers == min(8, cores // local_world)
+
+
+# -----------------------------------------------------------------------------
+# An error on one rank ends the whole torchrun job at once
+
+INJECT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import common, fid, {module}
+owner = {owner}
+real = getattr(owner, {name!r})
+
+def fail(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise common.UserError("injected failure on rank 1")
+    return real(*args, **kwargs)
+
+setattr(owner, {name!r}, fail)
+argv = {argv!r}
+if {module!r} == "fid":
+    sys.exit(fid.main(argv))
+common.run_cli({module}.main, {module}.build_parser().parse_args(argv))
+"""
+
+
+@pytest.mark.parametrize("script", ["train_src", "train_flow", "sample", "fid"])
+def test_an_error_on_one_rank_ends_the_job_within_seconds(toy, stage1, stage2, script, tmp_path):
+    """Rank 1 raises while rank 0 goes on into a collective (DDP's gradient all-reduce, the sweep's feature
+    gather, fid's failure check): the job must end with rank 1's one-line error, not wait in a barrier."""
+    import fid
+    weights = tmp_path / "inception.pth"
+    torch.save(fid.InceptionV3().state_dict(), weights)
+    sweep = ["--ckpt", stage2, "--out", tmp_path / "sweep", "--num-samples", 4, "--batch-size", 2, "--cfg-sweep",
+             "1,2", "--ref", toy / "data", "--fid-weights", weights, "--no-png", "--no-progress", "--device", "cpu"]
+    cases = {  # where rank 1 fails: (object, attribute), arguments
+        "train_src": ("common.TrainLog", "add", src_args(toy, tmp_path / "s1", ["--grid-every", 0])),
+        "train_flow": ("common.TrainLog", "add", flow_args(toy, stage1, tmp_path / "s2", ["--grid-every", 0])),
+        "sample": ("fid", "evaluate", sweep),
+        "fid": ("fid.InceptionV3", "features", [toy / "data", toy / "data", "--weights", weights, "--batch-size", 2,
+                                                "--image-size", 0, "--no-progress", "--device", "cpu"]),
+    }
+    owner, name, argv = cases[script]
+    wrapper = tmp_path / "inject.py"
+    wrapper.write_text(INJECT.format(root=ROOT, module=script, owner=owner, name=name,
+                                     argv=[str(a) for a in argv]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
+    start = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=240)
+    seconds = time.time() - start
+    assert res.returncode != 0, res.stderr[-2000:]
+    assert "error: injected failure on rank 1" in res.stderr.splitlines(), res.stderr[-2000:]
+    assert not [l for l in res.stderr.splitlines() if l.startswith("[rank")], res.stderr[-2000:]  # no traceback
+    assert seconds < 90, seconds      # start-up, the runs up to the failure and torchrun's stop; no timeout wait
