@@ -1,24 +1,33 @@
-"""Self-contained FID / sFID / Inception Score / precision / recall, the metrics of the paper's §4, from TensorFlow's
-2015-12-05 Inception-v3 graph as the ADM evaluator reads it (openai/guided-diffusion `evaluations/evaluator.py`,
-behind the paper's numbers), rebuilt here by hand with its PyTorch port's weights.
+"""FID, sFID, Inception Score, precision and recall: the metrics of the paper's §4.
+
+A self-contained rebuild of ADM's evaluator (openai/guided-diffusion `evaluations/evaluator.py`,
+behind the paper's numbers): TensorFlow's 2015-12-05 Inception-v3 graph written by hand, run
+with its PyTorch port's weights (pytorch-fid's, FID_WEIGHTS_URL) in float32, TF32 off, as TF.
 
     python fid.py VIRTUAL_imagenet256_labeled.npz samples.npz --weights W --json metrics.json
     python fid.py REF_DIR GEN_DIR --weights W --protocol pytorch-fid   # pytorch-fid's numbers
     python fid.py --save-stats imagenet_val/ val_stats.npz --weights W  # encode a reference once
     torchrun --nproc_per_node 8 fid.py REF GEN --weights W              # split across GPUs
 
-REF/GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s, sigma_s]`.
-ADM reference batches hold both: as in ADM's evaluator the statistics give FID and sFID, the images P/R only.
-Protocols: `adm` (default), the evaluator's 0..255 -> TF1 legacy ResizeBilinear to 299 -> (x - 128) / 128, or
-`pytorch-fid`: x / 255 -> torch bilinear -> 2x - 1.
+REF, GEN: a folder of images (first centre-cropped to --image-size, as ADM made its reference
+batches), or an `.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s,
+sigma_s]`. ADM's reference batches hold both: as in its evaluator, the statistics give FID and
+sFID, the images precision and recall only.
 
-API (sample.py --cfg-sweep; under torchrun call it on every rank):
+Protocols, from 0..255 images to the graph's 299 x 299 input:
+    adm          TF1's legacy ResizeBilinear, then (x - 128) / 128: ADM's evaluator (default)
+    pytorch-fid  x / 255, torch's bilinear resize, then 2x - 1: pytorch-fid
+The two give different numbers; papers built on ADM (this one too) report the first.
+
+API (sample.py --cfg-sweep; under torchrun, call it on every rank):
     model = load_inception(path)
-    ref = load_features(source, model, protocol="adm", stats="stored", ...)   # a dict, reusable for several GENs
-    evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", ...) -> {fid, sfid, inception_score, ...}
+    ref = load_features(source, model, protocol="adm", stats="stored", ...)  # a reusable dict
+    evaluate(ref, gen, model, protocol="adm", ref_stats="stored", ...)
+        -> {fid, sfid, inception_score, precision, recall, num_ref, num_gen}
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -39,27 +48,56 @@ from tqdm import tqdm
 
 from common import center_crop_arr
 
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 PROTOCOLS = ("adm", "pytorch-fid")
-STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")   # an npz's statistics (ADM reference batches)
-INPUT_SIZE = 299            # the graph's input resolution
-NUM_CLASSES = 1008          # TF's ImageNet classifier: 1000 classes + 8 unused outputs
-POOL_DIM = 2048             # pool_3
-SPATIAL_DIM = 17 * 17 * 7   # sFID: mixed_6/conv's first 7 channels on the 17x17 grid
-IS_SPLIT_SIZE = 5000        # ADM: 50k samples -> 10 splits
-PR_K = 3                    # nearest-neighbour size of the precision/recall manifolds
-PR_BLOCK = 10000            # rows/columns per distance block (10k x 10k float32 = 400 MB)
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+INPUT_SIZE = 299
+NUM_CLASSES = 1008  # 1000 + 8 unused
+POOL_DIM = 2048  # pool_3
+SPATIAL_DIM = 17 * 17 * 7  # mixed_6/conv[..., :7]
+IS_SPLIT_SIZE = 5000  # 50k samples: 10 splits
+PR_K = 3  # balls reach the k-th neighbour
+PR_BLOCK = 10000  # 10k x 10k distances a block
+# the CLI's names for the metrics, in print order
+METRIC_NAMES = dict(
+    fid="FID", sfid="sFID", inception_score="IS", precision="Precision", recall="Recall")
 
 
-# ---- The FID Inception-v3 (TF 2015-12-05 graph): torchvision's module names (the weights load by name), TF's blocks
+@contextlib.contextmanager
+def _no_tf32():
+    """cuDNN convolutions and CUDA matmuls in full float32 ("ieee": TF32 off), as TF ran
+    them, then the caller's settings back. torch 2.14 keeps TF32 per op (conv, matmul):
+    the legacy `cudnn.allow_tf32 = False` only resets conv to "none", which inherits a
+    global `torch.backends.fp32_precision`, and the legacy flags cannot be read once the
+    caller used the per-op API; so the per-op settings are the ones saved and set."""
+    conv = torch.backends.cudnn.conv
+    matmul = torch.backends.cuda.matmul
+    conv_before = conv.fp32_precision
+    matmul_before = matmul.fp32_precision
+    conv.fp32_precision = "ieee"
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = conv_before
+        matmul.fp32_precision = matmul_before
+
+
+# -----------------------------------------------------------------------------
+# The FID Inception-v3: TF's 2015-12-05 graph block by block, under torchvision's
+# module names (the weights load by name). A padded conv is one of TF's 'SAME' convs,
+# the others are 'VALID'; "/2" marks stride 2.
+
 class BasicConv2d(nn.Module):
-    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU. `fold()` merges the BN into the conv."""
+    """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU; `fold()` merges the BN into the conv."""
 
-    def __init__(self, cin, cout, **kwargs):
+    def __init__(self, cin, cout, kernel_size, **kwargs):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, bias=False, **kwargs)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, bias=False, **kwargs)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
@@ -67,21 +105,27 @@ class BasicConv2d(nn.Module):
 
     @torch.no_grad()
     def fold(self):
-        """Inference only: w' = w * g / sqrt(var + eps), b' = beta - mean * g / sqrt(var + eps)."""
-        c, bn = self.conv, self.bn
-        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        folded = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding).to(c.weight.device)
-        folded.weight.copy_((c.weight.double() * scale[:, None, None, None]).to(c.weight.dtype))
-        folded.bias.copy_((bn.bias.double() - bn.running_mean.double() * scale).to(c.weight.dtype))
-        self.conv, self.bn = folded, nn.Identity()
+        """For inference: the conv takes the BN's affine map, computed in float64,
+        s = gamma / sqrt(var + eps), w' = w * s, b' = beta - mean * s."""
+        bn = self.bn
+        w = self.conv.weight
+        s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        b = bn.bias.double() - bn.running_mean.double() * s
+        w.copy_((w.double() * s[:, None, None, None]).to(w.dtype))
+        self.conv.bias = nn.Parameter(b.to(w.dtype))
+        self.bn = nn.Identity()
 
 
 def _pool3x3_same(x, kind):
-    """The branch_pool paths' 3x3 stride-1 'SAME' pool; TF's average counts only real (non-padding) pixels."""
-    return F.max_pool2d(x, 3, 1, 1) if kind == "max" else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    """A 3x3 stride-1 'SAME' pool, "avg" or "max". TF's average divides by the number of
+    real pixels under the window, not 9, at the borders."""
+    if kind == "max":
+        return F.max_pool2d(x, 3, stride=1, padding=1)
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 def _chain(x, *convs):
+    """One branch of a block: x through each conv in turn."""
     for conv in convs:
         x = conv(x)
     return x
@@ -92,18 +136,20 @@ class InceptionA(nn.Module):
 
     def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def forward(self, x):
-        b5 = _chain(x, self.branch5x5_1, self.branch5x5_2)
-        b3 = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
-        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(_pool3x3_same(x, "avg"))], 1)
+        a = self.branch1x1(x)
+        b = self.branch5x5_2(self.branch5x5_1(x))
+        c = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
+        d = self.branch_pool(_pool3x3_same(x, "avg"))
+        return torch.cat([a, b, c, d], dim=1)
 
 
 class InceptionB(nn.Module):
@@ -111,14 +157,16 @@ class InceptionB(nn.Module):
 
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        bd = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
-        return torch.cat([self.branch3x3(x), bd, F.max_pool2d(x, 3, stride=2)], 1)
+        a = self.branch3x3(x)
+        b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
+        c = F.max_pool2d(x, 3, stride=2)
+        return torch.cat([a, b, c], dim=1)
 
 
 class InceptionC(nn.Module):
@@ -126,22 +174,24 @@ class InceptionC(nn.Module):
 
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
-        b7 = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
-        bd = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                    self.branch7x7dbl_5)
-        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(_pool3x3_same(x, "avg"))], 1)
+        a = self.branch1x1(x)
+        b = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
+        c = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                   self.branch7x7dbl_4, self.branch7x7dbl_5)
+        d = self.branch_pool(_pool3x3_same(x, "avg"))
+        return torch.cat([a, b, c, d], dim=1)
 
 
 class InceptionD(nn.Module):
@@ -149,52 +199,59 @@ class InceptionD(nn.Module):
 
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
-        b7 = _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4)
-        return torch.cat([_chain(x, self.branch3x3_1, self.branch3x3_2), b7, F.max_pool2d(x, 3, stride=2)], 1)
+        a = self.branch3x3_2(self.branch3x3_1(x))
+        b = _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                   self.branch7x7x3_4)
+        c = F.max_pool2d(x, 3, stride=2)
+        return torch.cat([a, b, c], dim=1)
 
 
 class InceptionE(nn.Module):
-    """Mixed_7b/7c: 1x1 | 1x1-(1x3,3x1) | 1x1-3x3-(1x3,3x1) | pool-1x1; TF pools by average in 7b, by max in 7c."""
+    """Mixed_7b/7c: 1x1 | 1x1-(1x3, 3x1) | 1x1-3x3-(1x3, 3x1) | pool-1x1, the pairs in
+    parentheses side by side. TF pools by average in Mixed_7b, by max in Mixed_7c."""
 
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
-                          self.branch_pool(_pool3x3_same(x, self.pool))], 1)
+        b = self.branch3x3_1(x)
+        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        d = self.branch_pool(_pool3x3_same(x, self.pool))
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b), self.branch3x3_2b(b),
+                          self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c), d], dim=1)
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3; random weights (conv He-normal, BN identity) until `load_inception` reads the real ones."""
+    """The FID Inception-v3, with random weights (He-normal convs, identity BatchNorms)
+    until `load_inception` reads the real ones."""
 
     def __init__(self):
         super().__init__()
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        # the stem, 299 -> 35
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        # the mixed blocks, 35 -> 17 -> 8
         self.Mixed_5b = InceptionA(192, pool_features=32)
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
@@ -214,50 +271,73 @@ class InceptionV3(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, images):
-        """images (B, 3, H, W) in [0, 1] -> pool3, logits, with pytorch-fid's preprocessing."""
-        return self.features(_torch_resize(images))[:2]
+        """images (B, 3, H, W) in [0, 1] -> pool, logits, on pytorch-fid's preprocessing."""
+        pool, logits, _ = self.features(_torch_resize(images))
+        return pool, logits
 
     def features(self, x):
-        """x (B, 3, 299, 299) from `preprocess` -> pool3 (B, 2048); logits (B, 1008) = pool3 @ fc.weight^T without
-        bias (TF's `softmax/logits/MatMul`, as ADM's evaluator); spatial (B, 2023) for sFID = the evaluator's
-        `mixed_6/conv`[..., :7] in H, W, C order (TF's mixed_6 is Mixed_6d, its `conv` the 1x1 branch)."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"InceptionV3.features: expected (B, 3, 299, 299), got {tuple(x.shape)}")
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))   # 149 -> 147
-        x = F.max_pool2d(x, 3, stride=2)                                      # 73
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                        # 71
-        x = F.max_pool2d(x, 3, stride=2)                                      # 35
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x))))   # 17
+        """x (B, 3, 299, 299) from `preprocess` -> three feature sets:
+        pool (B, 2048), pool_3: the 8x8 average of Mixed_7c, for FID and precision/recall;
+        logits (B, 1008) = pool @ fc.weight^T without the bias, TF's `softmax/logits/MatMul`
+            that ADM's evaluator reads, for the Inception Score;
+        spatial (B, 2023) for sFID: the evaluator's `mixed_6/conv`[..., :7] in H, W, C order.
+            TF's mixed_6 is Mixed_6d and its `conv` the 1x1 branch, the first 192 channels."""
+        if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
+            shape = tuple(x.shape)
+            raise ValueError(f"InceptionV3.features: need (B, 3, 299, 299), got {shape}")
+        x = self.Conv2d_1a_3x3(x)  # (B, 32, 149, 149)
+        x = self.Conv2d_2a_3x3(x)
+        x = self.Conv2d_2b_3x3(x)  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Conv2d_3b_1x1(x)
+        x = self.Conv2d_4a_3x3(x)  # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Mixed_5b(x)
+        x = self.Mixed_5c(x)
+        x = self.Mixed_5d(x)  # (B, 288, 35, 35)
+        x = self.Mixed_6a(x)
+        x = self.Mixed_6b(x)
+        x = self.Mixed_6c(x)
+        x = self.Mixed_6d(x)  # (B, 768, 17, 17)
+        # sFID's tap: the 1x1 branch's first 7 channels, flattened as TF's NHWC
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(x))))   # 8
-        pool = x.mean(dim=(2, 3))                                             # pool_3: 8x8 average
-        return pool, F.linear(pool, self.fc.weight), spatial
+        x = self.Mixed_6e(x)
+        x = self.Mixed_7a(x)
+        x = self.Mixed_7b(x)
+        x = self.Mixed_7c(x)  # (B, 2048, 8, 8)
+        pool = x.mean(dim=(2, 3))
+        logits = F.linear(pool, self.fc.weight)
+        return pool, logits, spatial
 
 
 def load_inception(path, fold=True):
-    """FID Inception weights (torchvision key names) -> InceptionV3 in eval mode, BatchNorm folded unless fold=False."""
+    """FID Inception weights (torchvision's key names) -> InceptionV3 in eval mode, each
+    BatchNorm folded into its conv unless fold=False. Every key and shape is checked
+    first, so another Inception checkpoint is refused in one line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Inception weights {path} not found; download them from {FID_WEIGHTS_URL}")
+        raise FileNotFoundError(f"{path} not found; download {FID_WEIGHTS_URL}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__})") from None
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors (FID Inception weights)")
+    except Exception:
+        raise ValueError(f"{path}: not a torch checkpoint") from None
+    tensors = isinstance(sd, dict) and all(torch.is_tensor(v) for v in sd.values())
+    if not tensors:
+        raise ValueError(f"{path}: not a state dict of tensors")
     model = InceptionV3()
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    if missing or unexpected:
-        hint = " (torchvision's ImageNet Inception? use the FID weights)" if any(
-            k.startswith("AuxLogits") for k in unexpected) else ""
-        raise ValueError(f"{path}: not the FID Inception weights{hint}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]} ({len(missing)}/{len(unexpected)} keys)")
+    want = model.state_dict()
+    # older PyTorch saved no BatchNorm batch counters: they may be missing
+    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        aux = any(k.startswith("AuxLogits") for k in extra)
+        hint = " (torchvision's ImageNet Inception?)" if aux else ""
+        keys = f"missing {missing[:3]}, extra {extra[:3]}"
+        raise ValueError(f"{path}: not the FID weights{hint}; {keys}")
     for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
-    model.load_state_dict(sd, strict=False)      # every key but num_batches_tracked checked above
+        if v.shape != want[k].shape:
+            shapes = f"{tuple(v.shape)}, not {tuple(want[k].shape)}"
+            raise ValueError(f"{path}: {k} has shape {shapes}")
+    model.load_state_dict(sd, strict=False)
     if fold:
         for m in model.modules():
             if isinstance(m, BasicConv2d):
@@ -265,32 +345,13 @@ def load_inception(path, fold=True):
     return model.eval().requires_grad_(False)
 
 
-# ---- Preprocessing: the two protocols ------------------------------------------------------------------------------
-def _torch_resize(x):
-    """pytorch-fid: [0, 1] -> torch bilinear (align_corners=False) to 299 -> [-1, 1]."""
-    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-    return 2 * x - 1
-
-
-def tf_bilinear_resize(images, size):
-    """TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False, no antialiasing) of float images
-    (B, C, H, W) to size (int or (h, w)): pixel i reads s = i * in / out (float32) from floor(s), floor(s) + 1."""
-    if images.ndim != 4 or not images.is_floating_point():
-        raise ValueError(f"tf_bilinear_resize: expected float (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-
-    def taps(n_in, n_out):
-        s = torch.arange(n_out, dtype=torch.float32) * (torch.tensor(n_in, dtype=torch.float32) / n_out)
-        lo = s.floor().long()
-        return lo.to(images.device), (lo + 1).clamp(max=n_in - 1).to(images.device), (s - lo).to(images)
-    (y0, y1, fy), (x0, x1, fx) = taps(images.shape[2], out_h), taps(images.shape[3], out_w)
-    rows = images[..., x0] + (images[..., x1] - images[..., x0]) * fx        # TF: along x first, then along y
-    return rows[..., y0, :] + (rows[..., y1, :] - rows[..., y0, :]) * fy[:, None]
-
+# -----------------------------------------------------------------------------
+# Preprocessing: 0..255 images -> the graph's input, by either protocol.
 
 def preprocess(images, protocol="adm"):
-    """Images (B, 3, H, W) valued 0..255 -> the graph's input (B, 3, 299, 299), as the ADM evaluator or pytorch-fid."""
+    """Images (B, 3, H, W) valued 0..255 -> (B, 3, 299, 299) in [-1, 1]:
+    "adm": x -> (tf_resize(x) - 128) / 128, as ADM's evaluator feeds TF's graph;
+    "pytorch-fid": x -> 2 * torch_resize(x / 255) - 1, as pytorch-fid."""
     x = images if images.is_floating_point() else images.float()
     if protocol == "pytorch-fid":
         return _torch_resize(x / 255)
@@ -299,105 +360,182 @@ def preprocess(images, protocol="adm"):
     return (tf_bilinear_resize(x, INPUT_SIZE) - 128) / 128
 
 
-# ---- Metrics -------------------------------------------------------------------------------------------------------
+def _torch_resize(x):
+    """pytorch-fid: [0, 1] -> torch's bilinear resize to 299 (half-pixel centres) -> [-1, 1]."""
+    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = F.interpolate(x, size=INPUT_SIZE, mode="bilinear", align_corners=False)
+    return 2 * x - 1
+
+
+def tf_bilinear_resize(images, size):
+    """TF1's legacy `ResizeBilinear` of float images (B, C, H, W) to size (int or (h, w)):
+    align_corners=False, half_pixel_centers=False, no antialiasing. Output pixel i reads
+    s = i * (in / out) (float32) from floor(s) and floor(s) + 1, along x, then along y:
+    a row [0, 10, 20] resized to 5 reads s = 0, 0.6, 1.2, 1.8, 2.4 -> 0, 6, 12, 18, 20."""
+    if images.ndim != 4 or not images.is_floating_point():
+        raise ValueError(f"tf_bilinear_resize: need float (B, C, H, W), got {images.dtype}")
+    if isinstance(size, int):
+        size = (size, size)
+    y0, y1, wy = _tf_taps(images.shape[2], size[0], images)
+    x0, x1, wx = _tf_taps(images.shape[3], size[1], images)
+    # interpolate along x within the source rows, then along y between them
+    left = images[..., x0]
+    rows = left + (images[..., x1] - left) * wx  # (B, C, H, w)
+    top = rows[..., y0, :]
+    return top + (rows[..., y1, :] - top) * wy[:, None]  # (B, C, h, w)
+
+
+def _tf_taps(n_in, n_out, like):
+    """One axis of TF's resize: the source pixels lo = floor(s), hi = min(lo + 1, in - 1)
+    of each output pixel and the weight s - lo of hi, for s = i * (in / out) in float32
+    (TF's scale, computed once in float32 and then multiplied)."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    s = torch.arange(n_out, dtype=torch.float32) * scale
+    lo = s.floor().long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    weight = (s - lo).to(like)
+    return lo.to(like.device), hi.to(like.device), weight
+
+
+# -----------------------------------------------------------------------------
+# Metrics: statistics, Fréchet distance, Inception Score, precision and recall.
+
 def statistics(features):
     """(N, D) features -> float64 mean (D,) and unbiased covariance (D, D)."""
-    f = np.asarray(features.cpu() if torch.is_tensor(features) else features, dtype=np.float64)
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"statistics: need features (N >= 2, D), got shape {f.shape}")
+    f = features.cpu() if torch.is_tensor(features) else features
+    f = np.asarray(f, np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"statistics: need (N >= 2, D) features, got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64 as the ADM evaluator (scipy's sqrtm, eps on both
-    diagonals only if the root is not finite, an imaginary diagonal over 1e-3 is an error), clamped at 0."""
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
-    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), the Fréchet distance of two
+    Gaussians, clamped at 0, in float64 as ADM's evaluator: scipy's sqrtm; eps added to
+    both diagonals only if the root is not finite; an imaginary diagonal over 1e-3 is an
+    error, a smaller imaginary part is dropped."""
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f"frechet_distance: shapes differ: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
-    with warnings.catch_warnings():          # singular products are expected (ADM: disp=False)
+        got = f"mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}"
+        raise ValueError(f"frechet_distance: shapes differ: {got}")
+    # with fewer samples than dimensions the product is singular (ADM: disp=False)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
         if not np.isfinite(covmean).all():
-            offset = np.eye(s1.shape[0]) * eps
+            # ADM's fallback: a small ridge on both diagonals
+            offset = np.eye(len(s1)) * eps
             covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
+            raise ValueError("frechet_distance: sqrtm has an imaginary diagonal")
         covmean = covmean.real
     diff = mu1 - mu2
-    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
+    fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    return max(0.0, float(fd))
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
-    """Mean over consecutive splits of `split_size` (the last may be shorter, as ADM) of exp(E_x KL(p(y|x) || p(y)))."""
+    """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean p(y|x), averaged over consecutive
+    splits of `split_size` images (the last may be shorter, as in ADM)."""
     logits = torch.as_tensor(logits)
     if logits.ndim != 2 or len(logits) == 0:
-        raise ValueError(f"inception_score: need logits (N > 0, classes), got {tuple(logits.shape)}")
-    logp = torch.log_softmax(logits.double().cpu(), dim=1)
+        shape = tuple(logits.shape)
+        raise ValueError(f"inception_score: need (N > 0, C) logits, got {shape}")
+    logp = torch.log_softmax(logits.double().cpu(), dim=1)  # (N, C)
     scores = []
     for part in logp.split(split_size):
-        log_py = torch.logsumexp(part, 0) - math.log(len(part))        # log of the mean p(y|x)
-        scores.append((part.exp() * (part - log_py)).sum(1).mean().exp().item())    # exp(mean KL)
+        # log p(y), the log of the split's mean p(y|x): (C,)
+        log_py = torch.logsumexp(part, 0) - math.log(len(part))
+        kl = (part.exp() * (part - log_py)).sum(1)  # (n,)
+        scores.append(kl.mean().exp().item())
     return float(np.mean(scores))
 
 
 def _sq_dists(a, b):
-    """Squared Euclidean distances (len(a), len(b)) by |a|^2 - 2ab + |b|^2, clamped at 0."""
+    """Squared distances (len(a), len(b)) as |a|^2 - 2ab + |b|^2, clamped at 0: one
+    matmul, in float32 as ADM's evaluator."""
     d = (a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]
     return d.clamp_(min=0)
 
 
+def _kth_radii(f, k, block):
+    """Squared distance from each row of f (N, D) to its k-th nearest other row (the
+    row itself is the 0-th), one (block, N) slab of distances at a time."""
+    radii = []
+    for i in range(0, len(f), block):
+        d = _sq_dists(f[i:i + block], f)
+        radii.append(d.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+@_no_tf32()
 def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=None):
-    """Improved precision/recall (Kynkäänniemi et al., as the ADM evaluator): precision = share of generated features
-    inside the reference manifold (balls reaching each feature's k-th nearest neighbour), recall the converse."""
-    ref, gen = (torch.as_tensor(f, dtype=torch.float32, device=device) for f in (ref_features, gen_features))
-    if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
-        raise ValueError(f"precision_recall: need (N, D) features of equal D, got {tuple(ref.shape)}, "
-                         f"{tuple(gen.shape)}")
+    """Improved precision and recall (Kynkäänniemi et al. 2019, as ADM's evaluator). A
+    set's manifold is the union of balls around its features, each reaching the k-th
+    nearest neighbour; precision is the share of GEN's features inside REF's manifold,
+    recall the share of REF's inside GEN's. Distances in float32, TF32 off."""
+    ref = torch.as_tensor(ref_features, dtype=torch.float32, device=device)
+    gen = torch.as_tensor(gen_features, dtype=torch.float32, device=device)
+    if ref.ndim != 2 or ref.shape[1:] != gen.shape[1:]:
+        got = f"{tuple(ref.shape)}, {tuple(gen.shape)}"
+        raise ValueError(f"precision_recall: need (N, D) features, got {got}")
     if min(len(ref), len(gen)) <= k:
-        raise ValueError(f"precision_recall: need more than k={k} features per set, got {len(ref)} and {len(gen)}")
-    # radii: squared distance to the k-th nearest other feature (self is the 0-th), one (block, N) slab at a time
-    r_ref, r_gen = (torch.cat([_sq_dists(f[i:i + block], f).kthvalue(k + 1, dim=1).values
-                               for i in range(0, len(f), block)]) for f in (ref, gen))
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)   # recall
-    gen_in = torch.zeros(len(gen), dtype=torch.bool, device=ref.device)   # precision
+        raise ValueError(f"precision_recall: need more than k={k} features per set")
+    r_ref = _kth_radii(ref, k, block)
+    r_gen = _kth_radii(gen, k, block)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    gen_in = torch.zeros(len(gen), dtype=torch.bool, device=ref.device)
+    # a GEN feature is in REF's manifold if it lies in some REF ball, and conversely
     for i in range(0, len(ref), block):
         for j in range(0, len(gen), block):
-            d = _sq_dists(ref[i:i + block], gen[j:j + block])
+            d = _sq_dists(ref[i:i + block], gen[j:j + block])  # (block, block)
             gen_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
             ref_in[i:i + block] |= (d <= r_gen[None, j:j + block]).any(1)
-    return gen_in.double().mean().item(), ref_in.double().mean().item()
+    precision = gen_in.double().mean().item()
+    recall = ref_in.double().mean().item()
+    return precision, recall
 
 
-# ---- Inputs: a folder of images, an npz of uint8 NHWC images (`arr_0`) and/or of statistics ------------------------
+# -----------------------------------------------------------------------------
+# Inputs: a folder of images, or an npz of images (`arr_0`) and/or statistics.
+
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under a folder (recursive, sorted) as uint8 (3, H, W); an unreadable one as a one-line error.
-    With image_size, each image is first brought to image_size x image_size by ADM's centre crop, as ADM made
-    its reference batches from ImageNet (None: as stored)."""
+    """The images under a folder (recursive, sorted) as uint8 (3, H, W). With image_size,
+    ADM's centre crop first brings each to image_size x image_size, as ADM made its
+    reference batches from ImageNet (None: as stored)."""
 
     def __init__(self, root, image_size=None):
-        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(Path(root).rglob("*"))
+        self.files = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
         self.image_size = image_size
         if not self.files:
-            raise ValueError(f"{root}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
+            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise ValueError(f"{root}: no images found ({exts})")
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
+        """Image i, or a one-line error (a string) when it cannot be read: a loader
+        worker passes it on, and every rank stops with it (see extract_features)."""
         try:
             with Image.open(self.files[i]) as im:
                 im = im.convert("RGB")
-                a = np.asarray(center_crop_arr(im, self.image_size) if self.image_size else im)
+                if self.image_size:
+                    im = center_crop_arr(im, self.image_size)
+                a = np.array(im)
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return f"{self.files[i]}: unreadable image ({reason})"
-        return torch.from_numpy(a.copy()).permute(2, 0, 1)
+        return torch.from_numpy(a).permute(2, 0, 1)
 
 
 class ArrayImages(torch.utils.data.Dataset):
-    """uint8 NHWC images from an array, maybe memory-mapped (extract_features reads it without workers)."""
+    """uint8 NHWC images from an array, maybe memory-mapped (so read without workers)."""
 
     def __init__(self, array):
         self.array = array
@@ -406,205 +544,311 @@ class ArrayImages(torch.utils.data.Dataset):
         return len(self.array)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
+        image = np.array(self.array[i])
+        return torch.from_numpy(image).permute(2, 0, 1)
 
 
 def _npz_member(path, name):
-    """The array `name` of an npz (None if absent): memory-mapped when stored uncompressed (np.savez), else loaded."""
+    """The array `name` of an npz, or None if absent. np.savez stores it uncompressed:
+    then it is memory-mapped (50k 256x256 samples are 9.8 GB), otherwise loaded."""
     with zipfile.ZipFile(path) as zf:
         if name + ".npy" not in zf.namelist():
             return None
         info = zf.getinfo(name + ".npy")
+    array = None
     if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as f:                   # skip the local header to the .npy bytes
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(f)
-            if version in ((1, 0), (2, 0)):
-                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
-                if not dtype.hasobject and not fortran:
-                    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=f.tell())
-    with np.load(path) as data:
-        return data[name]
+        array = _memmap_npy(path, info.header_offset)
+    if array is None:
+        with np.load(path) as data:
+            array = data[name]
+    return array
+
+
+def _memmap_npy(path, offset):
+    """The .npy of the zip member whose local header starts at `offset`, memory-mapped;
+    None for a format version, dtype or layout that cannot be mapped."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        # a zip local header is 30 bytes, the last 4 the name's and extra field's lengths
+        f.seek(offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(offset + 30 + name_len + extra_len)
+        version = fmt.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        else:
+            return None
+        start = f.tell()
+    if dtype.hasobject or fortran:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=start)
 
 
 def open_source(path, image_size=None):
-    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, stored float64 statistics or None); a folder's
-    images are ADM-centre-cropped to image_size (None: as stored)."""
+    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, its stored float64
+    statistics or None). A folder's images are ADM-centre-cropped to image_size. An
+    npz holds arr_0 and/or the statistics mu, sigma (FID) and maybe mu_s, sigma_s (sFID)
+    at their dimensions, checked here with a one-line error."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
     if os.path.isdir(path):
         return ImageFiles(path, image_size), None
     if not path.endswith(".npz"):
-        raise ValueError(f"{path}: expected a folder of images or an .npz (arr_0 images and/or mu/sigma statistics)")
+        raise ValueError(f"{path}: expected a folder of images or an .npz")
+    # the images (memory-mapped where stored) and the statistics, in float64
     try:
         arr = _npz_member(path, "arr_0")
         with np.load(path) as data:
             keys = sorted(data.files)
             stats = {k: data[k].astype(np.float64) for k in STAT_KEYS if k in keys}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read as npz ({type(e).__name__})") from None
-    if arr is not None and (arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0):
-        raise ValueError(f"{path}: arr_0 should be uint8 NHWC images with 3 channels, got {arr.dtype} {arr.shape}")
-    if (arr is None and not stats) or (stats and sorted(stats) not in (["mu", "sigma"], sorted(STAT_KEYS))):
-        raise ValueError(f"{path}: expected arr_0 (uint8 NHWC images) and/or statistics mu, sigma[, mu_s, "
-                         f"sigma_s]; found {keys}")
-    for m, s, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
-        if m in stats and (stats[m].shape != (d,) or stats[s].shape != (d, d)):
-            raise ValueError(f"{path}: {m} {stats[m].shape} / {s} {stats[s].shape}, expected ({d},) / ({d}, {d})")
-    return (None if arr is None else ArrayImages(arr)), (stats or None)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise ValueError(f"{path}: not a readable npz") from None
+    if arr is not None:
+        rgb = arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3
+        if not rgb or len(arr) == 0:
+            got = f"{arr.dtype} {arr.shape}"
+            raise ValueError(f"{path}: arr_0 is {got}, not uint8 NHWC RGB")
+    complete = sorted(stats) in (["mu", "sigma"], sorted(STAT_KEYS))
+    if (arr is None and not stats) or (stats and not complete):
+        expected = "arr_0 and/or mu, sigma[, mu_s, sigma_s]"
+        raise ValueError(f"{path}: expected {expected}; found {keys}")
+    for mu, sigma, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        if mu not in stats:
+            continue
+        shapes = (stats[mu].shape, stats[sigma].shape)
+        if shapes != ((d,), (d, d)):
+            got = f"{mu} {shapes[0]}, {sigma} {shapes[1]}"
+            raise ValueError(f"{path}: {got}; expected D = {d}")
+    images = None if arr is None else ArrayImages(arr)
+    return images, stats or None
 
 
-# ---- Feature extraction (one process or split across torchrun ranks) and the evaluation ---------------------------
+# -----------------------------------------------------------------------------
+# Feature extraction (in one process or split across torchrun ranks), evaluation.
+
 def _collate(items):
-    """uint8 (3, H, W) images -> [one batch], or one batch per image when sizes differ; passes an error string on."""
-    error = next((t for t in items if isinstance(t, str)), None)
-    return error or ([torch.stack(items)] if len({t.shape for t in items}) == 1 else [t[None] for t in items])
+    """uint8 (3, H, W) images -> [one batch], or one batch per image when their sizes
+    differ (each is then resized alone); an error string from ImageFiles is passed on."""
+    for t in items:
+        if isinstance(t, str):
+            return t
+    if len({t.shape for t in items}) == 1:
+        return [torch.stack(items)]
+    return [t[None] for t in items]
+
+
+def _gather(feats, error, per_rank, n):
+    """Each rank's features, zero-padded to per_rank rows -> all n rows, on every rank.
+    The ranks first agree whether any failed: then all raise (the failing rank's own
+    message, the others a generic one) instead of waiting in all_gather."""
+    failed = torch.tensor([float(bool(error))], device=feats[0].device)
+    dist.all_reduce(failed)
+    if failed.item():
+        raise ValueError(error or "feature extraction failed on another rank")
+    world = dist.get_world_size()
+    gathered = []
+    for f in feats:
+        pad = f.new_zeros(per_rank - len(f), f.shape[1])
+        parts = [f.new_empty(per_rank, f.shape[1]) for _ in range(world)]
+        dist.all_gather(parts, torch.cat([f, pad]))
+        # rank order is dataset order; the last rank's padding is dropped
+        gathered.append(torch.cat(parts)[:n])
+    return gathered
 
 
 @torch.inference_mode()
-def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0, progress=True, protocol="adm"):
-    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023): float32 numpy in
-    dataset order. Under torch.distributed each rank encodes a slice and all receive the gathered features."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    device, n = torch.device(device), len(dataset)
-    per = -(-n // world)
-    part = torch.utils.data.Subset(dataset, range(min(n, rank * per), min(n, (rank + 1) * per)))
-    workers = 0 if isinstance(dataset, ArrayImages) else num_workers
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                         pin_memory=device.type == "cuda")
+@_no_tf32()
+def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
+                     progress=True, protocol="adm"):
+    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023):
+    float32 numpy arrays in dataset order, computed with TF32 off whatever the caller's
+    setting. Under torch.distributed each rank encodes one contiguous slice and all
+    receive the gathered features."""
+    ddp = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    device = torch.device(device)
+    n = len(dataset)
+    # rank r encodes images [r * per_rank, (r + 1) * per_rank), per_rank = ceil(n / world)
+    per_rank = -(-n // world)
+    first = min(n, rank * per_rank)
+    last = min(n, first + per_rank)
+    part = torch.utils.data.Subset(dataset, range(first, last))
+    if isinstance(dataset, ArrayImages):
+        # an array, maybe a memory map, is read in this process
+        num_workers = 0
+    loader = torch.utils.data.DataLoader(
+        part, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
-    outs, error = [], ""
-    for x in tqdm(loader, desc="inception", unit="batch", disable=not progress or rank != 0):
-        if isinstance(x, str):
-            error = x
+    outs = []
+    error = ""
+    show = progress and rank == 0
+    for batch in tqdm(loader, desc="inception", unit="batch", disable=not show):
+        if isinstance(batch, str):
+            error = batch
             break
-        x = torch.cat([preprocess(t.to(device, non_blocking=True), protocol) for t in x])
-        outs.append([f.float() for f in model.features(x.contiguous(memory_format=torch.channels_last))])
-    feats = [torch.cat(f) for f in zip(*outs)] if outs else [
-        torch.zeros(0, d, device=device) for d in (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)]
+        x = [preprocess(t.to(device, non_blocking=True), protocol) for t in batch]
+        # (B, 3, 299, 299), channels-last as the model: cuDNN's faster layout
+        x = torch.cat(x).contiguous(memory_format=torch.channels_last)
+        outs.append([f.float() for f in model.features(x)])
+    # a rank may get no images (fewer than ranks) or fail at once: empty features
+    dims = (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)
+    feats = [torch.zeros(0, d, device=device) for d in dims]
+    if outs:
+        feats = [torch.cat(f) for f in zip(*outs)]
     if world > 1:
-        failed = torch.tensor([float(bool(error))], device=device)
-        dist.all_reduce(failed)
-        if failed.item():
-            raise ValueError(error or "feature extraction failed on another rank")
-        gathered = [[f.new_empty(per, f.shape[1]) for _ in range(world)] for f in feats]
-        for f, out in zip(feats, gathered):     # equal-size (zero-padded) slices, the padding dropped below
-            dist.all_gather(out, torch.cat([f, f.new_zeros(per - len(f), f.shape[1])]))
-        feats = [torch.cat(out)[:n] for out in gathered]
+        feats = _gather(feats, error, per_rank, n)
     elif error:
         raise ValueError(error)
     return tuple(f.cpu().numpy() for f in feats)
 
 
-def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50, device="cpu",
-                  num_workers=0, progress=True, image_size=None):
-    """REF/GEN path -> a reusable dict of protocol, stats, stats_s (or None), pool, logits (or None) for `evaluate`.
-    stats="stored" takes an npz's stored statistics (as ADM's evaluator), "images" recomputes them; a folder's
-    images are ADM-centre-cropped to image_size first (None: as stored)."""
+def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50,
+                  device="cpu", num_workers=0, progress=True, image_size=None):
+    """REF/GEN path -> a dict for `evaluate`, reusable for several GENs: protocol; stats
+    and stats_s, each (mean, covariance) or None; pool and logits, arrays or None.
+    stats="stored" takes an npz's stored statistics, as ADM's evaluator, "images"
+    recomputes them. A folder's images are ADM-centre-cropped to image_size first
+    (None: as stored)."""
     if stats not in ("stored", "images"):
-        raise ValueError(f"load_features: stats must be 'stored' or 'images', got {stats!r}")
+        raise ValueError(f"load_features: stats is 'stored' or 'images', not {stats!r}")
     images, stored = open_source(source, image_size)
     if images is None and stats == "images":
-        raise ValueError(f"{source}: holds only statistics; recomputing them needs images (arr_0)")
+        raise ValueError(f"{source}: holds only statistics, no images (arr_0)")
     out = dict(protocol=protocol, stats=None, stats_s=None, pool=None, logits=None)
     if stored is not None and stats == "stored":
-        out["stats"] = stored["mu"], stored["sigma"]
-        out["stats_s"] = (stored["mu_s"], stored["sigma_s"]) if "mu_s" in stored else None
-    if images is not None:
-        out["pool"], out["logits"], spatial = extract_features(model, images, batch_size, device, num_workers,
-                                                               progress, protocol)
-        if out["stats"] is None:
-            out["stats"], out["stats_s"] = statistics(out["pool"]), statistics(spatial)
+        out["stats"] = (stored["mu"], stored["sigma"])
+        if "mu_s" in stored:
+            out["stats_s"] = (stored["mu_s"], stored["sigma_s"])
+    if images is None:
+        return out
+    # the images' features; their statistics unless stored ones were taken
+    pool, logits, spatial = extract_features(
+        model, images, batch_size=batch_size, device=device, num_workers=num_workers,
+        progress=progress, protocol=protocol)
+    out["pool"] = pool
+    out["logits"] = logits
+    if out["stats"] is None:
+        out["stats"] = statistics(pool)
+        out["stats_s"] = statistics(spatial)
     return out
 
 
-def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50, device="cpu",
-             num_workers=0, progress=True, image_size=None):
-    """REF, GEN (paths or `load_features` dicts) -> {fid, and where they apply sfid (spatial statistics on
-    both sides), inception_score (GEN images), precision, recall (images on both), num_ref, num_gen}."""
-    kw = dict(protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers, progress=progress,
-              image_size=image_size)
-    ref = ref if isinstance(ref, dict) else load_features(ref, model, stats=ref_stats, **kw)
-    gen = gen if isinstance(gen, dict) else load_features(gen, model, **kw)
-    if ref["protocol"] != protocol or gen["protocol"] != protocol:
-        raise ValueError(f"REF/GEN features use protocol {ref['protocol']}/{gen['protocol']}, not {protocol}")
-    out = {"fid": frechet_distance(*gen["stats"], *ref["stats"])}
+def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50,
+             device="cpu", num_workers=0, progress=True, image_size=None):
+    """REF, GEN (paths or `load_features` dicts) -> {fid; where they apply: sfid (spatial
+    statistics on both sides), inception_score (GEN's images), precision and recall
+    (images on both sides); num_ref, num_gen}. ref_stats is REF's `stats` choice."""
+    kw = dict(
+        protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers,
+        progress=progress, image_size=image_size)
+    if not isinstance(ref, dict):
+        ref = load_features(ref, model, stats=ref_stats, **kw)
+    if not isinstance(gen, dict):
+        gen = load_features(gen, model, **kw)
+    used = (ref["protocol"], gen["protocol"])
+    if used != (protocol, protocol):
+        raise ValueError(f"REF/GEN features use protocol {used}, not {protocol!r}")
+    # FID and sFID from the statistics, IS from GEN's logits, P/R from both pools
+    out = dict(fid=frechet_distance(*gen["stats"], *ref["stats"]))
     if ref["stats_s"] is not None and gen["stats_s"] is not None:
         out["sfid"] = frechet_distance(*gen["stats_s"], *ref["stats_s"])
     if gen["logits"] is not None:
         out["inception_score"] = inception_score(gen["logits"])
     if ref["pool"] is not None and gen["pool"] is not None:
-        out["precision"], out["recall"] = precision_recall(ref["pool"], gen["pool"], device=device)
-    out.update({f"num_{k}": len(f["pool"]) for k, f in (("ref", ref), ("gen", gen)) if f["pool"] is not None})
+        pr = precision_recall(ref["pool"], gen["pool"], device=device)
+        out["precision"], out["recall"] = pr
+    if ref["pool"] is not None:
+        out["num_ref"] = len(ref["pool"])
+    if gen["pool"] is not None:
+        out["num_gen"] = len(gen["pool"])
     return out
 
 
-# ---- Command line --------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# Command line.
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID / sFID / IS / precision / recall (FID Inception-v3).")
-    p.add_argument("ref", help="reference: image folder, npz with arr_0 and/or mu, sigma[, mu_s, sigma_s]")
-    p.add_argument("gen", help="generated: same kinds; with --save-stats, the output .npz")
+    """The command line: returns 0, or 2 after a one-line error on bad input."""
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall.")
+    p.add_argument("ref", help="image folder, or npz of arr_0 and/or statistics")
+    p.add_argument("gen", help="the same kinds; with --save-stats, the output .npz")
     p.add_argument("--weights", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="preprocessing: ADM evaluator's (paper)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="adm: the paper's")
     p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
-                   help="REF npz with images and statistics: FID/sFID from the stored ones (ADM) or its images")
+                   help="npz REF: FID from its stored statistics (ADM) or images")
     p.add_argument("--image-size", type=int, default=256,
-                   help="folders only: ADM's centre crop of each image to this size first, as the ADM reference "
-                        "batches were made from ImageNet (512 for the 512 batch; 0: as stored)")
+                   help="folders: ADM's centre crop to this size (0: none)")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK) if available")
-    p.add_argument("--num-workers", type=int, default=None, help="default: 0 on CPU, min(8, cpus) on GPU")
-    p.add_argument("--save-stats", action="store_true", help="write REF's mu, sigma, mu_s, sigma_s to GEN")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK, else cpu")
+    p.add_argument("--num-workers", type=int, help="default: 0 on CPU, <= 8 on GPU")
+    p.add_argument("--save-stats", action="store_true", help="save REF's statistics as GEN")
+    p.add_argument("--json", help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    # under torchrun each rank takes the GPU of its LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    device = args.device or (gpu if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.set_device(torch.device(device))
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False   # float32, as TF
         torch.backends.cudnn.benchmark = True
     if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    num_workers = args.num_workers
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
+    workers = args.num_workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if cuda else 0
+    kw = dict(
+        protocol=args.protocol, batch_size=args.batch_size, device=device, num_workers=workers,
+        progress=not args.no_progress, image_size=args.image_size or None)
     try:
-        if args.batch_size < 1 or num_workers < 0 or args.image_size < 0:
-            raise ValueError("--batch-size must be >= 1, --num-workers and --image-size >= 0")
-        for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
-            open_source(source)                       # check the inputs before the weights
+        if args.batch_size < 1 or workers < 0 or args.image_size < 0:
+            raise ValueError("--batch-size must be >= 1; --num-workers, --image-size >= 0")
+        # the inputs are checked before the weights are read
+        sources = [args.ref] if args.save_stats else [args.ref, args.gen]
+        for source in sources:
+            open_source(source)
         model = load_inception(args.weights)
-        kw = dict(protocol=args.protocol, batch_size=args.batch_size, device=device, num_workers=num_workers,
-                  progress=not args.no_progress, image_size=args.image_size or None)
         if args.save_stats:
             feats = load_features(args.ref, model, stats="images", **kw)
         else:
             metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2  # at once, without waiting for the other ranks: torchrun then stops them
+        # at once, the process group left as is: torchrun then stops the other ranks
+        return 2
     if world > 1:
         dist.destroy_process_group()
-    if rank == 0 and args.save_stats:
+    if rank != 0:
+        return 0
+    # the outputs are written to a .tmp file first, then renamed: never half-written
+    if args.save_stats:
+        stats = dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"])))
         with open(args.gen + ".tmp", "wb") as f:
-            np.savez(f, **dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"]))))
-        os.replace(args.gen + ".tmp", args.gen)       # atomically, as the JSON below
-        crop = f", ADM centre crop to {args.image_size} px" if os.path.isdir(args.ref) and args.image_size else ""
+            np.savez(f, **stats)
+        os.replace(args.gen + ".tmp", args.gen)
+        crop = ""
+        if os.path.isdir(args.ref) and args.image_size:
+            crop = f", ADM centre crop to {args.image_size} px"
         print(f"saved statistics of {len(feats['pool'])} images{crop} to {args.gen}")
-    elif rank == 0:
-        names = {"fid": "FID", "sfid": "sFID", "inception_score": "IS", "precision": "Precision", "recall": "Recall"}
-        print("\n".join(f"{name}: {metrics[key]}" for key, name in names.items() if key in metrics))
-        if args.json:
-            with open(args.json + ".tmp", "w") as f:
-                json.dump(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol, ref_stats=args.ref_stats,
-                               folder_image_size=args.image_size), f, indent=2)
-            os.replace(args.json + ".tmp", args.json)
+        return 0
+    for key, name in METRIC_NAMES.items():
+        if key in metrics:
+            print(f"{name}: {metrics[key]}")
+    if args.json:
+        record = dict(
+            metrics, ref=args.ref, gen=args.gen, protocol=args.protocol,
+            ref_stats=args.ref_stats, folder_image_size=args.image_size)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(args.json + ".tmp", args.json)
     return 0
 
 

@@ -1,10 +1,11 @@
-"""The reconstruction objective of stage 1 (paper §3.4, eq. 7), RAE's decoder objective:
+"""Stage 1's reconstruction objective (paper §3.4, eq. 7), RAE's decoder objective:
 
-    L = L1(x^, x) + w_p * LPIPS(x^, x) + w_d * lambda * (-Disc(aug(x^)))
+    L = L1(x^, x) + w_p * LPIPS(x^, x) + w_d * lambda * (-D(aug(x^)))
 
-LPIPS on VGG16 features (Zhang et al. 2018), a hinge discriminator on augmented images (RAE's
-frozen-DINO heads, or a PatchGAN that needs no weights), and the adaptive weight lambda of
-VQGAN / RAE. Pretrained weights are read from local files in their official layouts.
+LPIPS compares VGG16 features (Zhang et al. 2018). D is a hinge discriminator on
+DiffAug'd images: RAE's heads on a frozen DINO ViT-S/8, or a PatchGAN needing no
+weights. lambda is VQGAN's adaptive weight. Weights are read from local files in
+their official layouts; a wrong file fails with one line naming it.
 """
 
 import os
@@ -17,39 +18,69 @@ from torch.nn.utils.parametrizations import spectral_norm
 from rae import Block, read_state_dict
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
-DINO_S8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"
+LPIPS_LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity"
+                 "/raw/master/lpips/weights/v0.1/vgg.pth")
+DINO_S8_URL = ("https://dl.fbaipublicfiles.com/dino"
+               "/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth")
+
+
+def need_file(path, what):
+    """A missing file fails at the edge, saying what was expected."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file; expected {what}")
+
+
+def rgb(values):
+    """Per-channel constants, shaped (1, 3, 1, 1) for images."""
+    return torch.tensor(values).view(1, 3, 1, 1)
 
 
 # -----------------------------------------------------------------------------
-# LPIPS: VGG16 features at relu1_2 .. relu5_3, unit-normalised over channels, squared differences
-# weighted by learned 1x1 "lin" heads, averaged over space, summed over layers.
+# LPIPS: VGG16 features at five ReLUs, unit-normalised over channels; their
+# squared differences, weighted by learned 1x1 "lin" heads, are averaged over
+# space and summed over the five layers.
 
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-VGG16_TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+# torchvision's vgg16().features to relu5_3: conv widths, "M" a 2x2 max-pool
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+             512, 512, 512, "M", 512, 512, 512]
+# relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: their indices in the features
+VGG16_TAPS = (3, 8, 15, 22, 29)
+TAP_WIDTHS = (64, 128, 256, 512, 512)
+# the "scaling layer": [-1, 1] inputs to the ImageNet statistics VGG saw
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def unit(f):
+    """Feature vectors (B, C, H, W) scaled to unit length over channels."""
+    return f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
 
 
 class LPIPS(nn.Module):
-    """Per-example LPIPS distance between images in [-1, 1] (B,3,H,W) -> (B,)."""
+    """Per-example LPIPS distance of images in [-1, 1] (B, 3, H, W) -> (B,).
+    `features` has the indices and keys of torchvision's vgg16().features."""
 
     def __init__(self):
         super().__init__()
-        layers, c_in = [], 3
-        for v in VGG16_CFG:  # torchvision's vgg16().features, same indices and key names
-            if v == "M":
+        layers = []
+        c_in = 3
+        for c in VGG16_CFG:
+            if c == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU()]
-                c_in = v
+                layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
+                c_in = c
         self.features = nn.Sequential(*layers)
-        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512)])
-        # the "scaling layer": [-1, 1] inputs to the ImageNet statistics VGG was trained on
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        lins = [nn.Conv2d(c, 1, 1, bias=False) for c in TAP_WIDTHS]
+        self.lins = nn.ModuleList(lins)
+        self.register_buffer("shift", rgb(LPIPS_SHIFT))
+        self.register_buffer("scale", rgb(LPIPS_SCALE))
 
     def taps(self, x):
-        out, h = [], (x - self.shift) / self.scale
-        for i, layer in enumerate(self.features[:VGG16_TAPS[-1] + 1]):
+        """The five tapped feature maps, each (B, C_k, H_k, W_k)."""
+        h = (x - self.shift) / self.scale
+        out = []
+        for i, layer in enumerate(self.features):
             h = layer(h)
             if i in VGG16_TAPS:
                 out.append(h)
@@ -58,51 +89,61 @@ class LPIPS(nn.Module):
     def forward(self, a, b):
         dist = 0
         for fa, fb, lin in zip(self.taps(a), self.taps(b), self.lins):
-            fa = fa / (fa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            fb = fb / (fb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            dist = dist + lin((fa - fb).pow(2)).mean(dim=(1, 2, 3))
+            d = (unit(fa) - unit(fb)).pow(2)  # (B, C, H, W)
+            dist = dist + lin(d).mean(dim=(1, 2, 3))  # (B,)
         return dist
 
 
 def load_lpips(vgg_path, lin_path):
-    """LPIPS from torchvision's VGG16 weights (`features.N.*`) and the LPIPS v0.1 linear heads
-    (`lin0.model.1.weight` .. `lin4.model.1.weight`); frozen, eval mode."""
+    """Frozen LPIPS in eval mode from torchvision's VGG16 (`features.N.*`)
+    and the LPIPS v0.1 heads (`linK.model.1.weight`, K = 0..4; `.0.`
+    in files saved without the dropout)."""
+    vgg_what = f"torchvision VGG16 weights ({VGG16_URL})"
+    lin_what = f"LPIPS linear heads v0.1 vgg.pth ({LPIPS_LIN_URL})"
+    need_file(vgg_path, f"--lpips-vgg, {vgg_what}")
+    need_file(lin_path, f"--lpips-lin, {lin_what}")
     model = LPIPS()
-    for path, what, url in ((vgg_path, "--lpips-vgg (torchvision VGG16 weights)", VGG16_URL),
-                            (lin_path, "--lpips-lin (LPIPS v0.1 vgg.pth linear heads)", LPIPS_LIN_URL)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file; expected {what}, from {url}")
-    vgg = read_state_dict(vgg_path, f"torchvision VGG16 weights ({VGG16_URL})")
-    want = model.features.state_dict()
-    got = {k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")}
-    if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
-        raise ValueError(f"{vgg_path}: expected torchvision VGG16 weights with features.N.weight/bias "
-                         f"(vgg16-397923af.pth from {VGG16_URL})")
-    model.features.load_state_dict(got)
-    lin = read_state_dict(lin_path, f"the LPIPS v0.1 linear heads vgg.pth ({LPIPS_LIN_URL})")
+    vgg = read_state_dict(vgg_path, vgg_what)
+    got = {k.removeprefix("features."): v for k, v in vgg.items()
+           if k.startswith("features.")}
+    try:  # strict: the same keys and shapes
+        model.features.load_state_dict(got)
+    except RuntimeError:
+        raise ValueError(f"{vgg_path}: expected {vgg_what}") from None
+    lin = read_state_dict(lin_path, lin_what)
     for i, conv in enumerate(model.lins):
-        w = lin.get(f"lin{i}.model.1.weight", lin.get(f"lin{i}.model.0.weight"))
+        key = f"lin{i}.model."
+        w = lin.get(key + "1.weight", lin.get(key + "0.weight"))
         if w is None or w.shape != conv.weight.shape:
-            raise ValueError(f"{lin_path}: expected LPIPS linear heads lin0..lin4.model.1.weight of shapes "
-                             f"(1,C,1,1) (the v0.1 vgg.pth from {LPIPS_LIN_URL})")
+            raise ValueError(f"{lin_path}: expected {lin_what}")
         conv.weight.data.copy_(w)
     return model.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
-# Discriminators. `dino` is RAE's: a frozen DINO (v1) ViT-S/8 whose token features after blocks
-# 2, 5, 8, 11 and at the output feed five trainable 1-D convolutional heads (spectral norm,
-# per-sample normalisation over tokens, LeakyReLU 0.2, a residual kernel-9 circular conv), one
-# logit per token and head. `patch` is a small convolutional PatchGAN that needs no weights.
+# Discriminators. `dino` is RAE's: a frozen DINO (v1) ViT-S/8 whose patch tokens
+# after blocks 2, 5, 8, 11 and at the output feed five trainable 1-D conv heads,
+# one logit per token and head. `patch` is a PatchGAN that needs no weights.
+
+SLOPE = 0.2  # LeakyReLU's negative slope
+DINO_TAPS = (2, 5, 8, 11)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def conv_norm_act(channels, kernel):
-    """Spectral-norm circular conv, per-sample normalisation over tokens (RAE's BatchNormLocal with a virtual
-    batch of 1, i.e. an instance norm), LeakyReLU 0.2; on (B, C, L)."""
-    conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, padding_mode="circular")
-    return nn.Sequential(spectral_norm(conv), nn.InstanceNorm1d(channels, eps=1e-6, affine=True), nn.LeakyReLU(0.2))
+    """On (B, C, L): a spectral-norm circular conv, a per-sample norm over
+    tokens (RAE's BatchNormLocal with a virtual batch of 1) and a LeakyReLU."""
+    conv = nn.Conv1d(channels, channels, kernel,
+                     padding=kernel // 2, padding_mode="circular")
+    conv = spectral_norm(conv)
+    norm = nn.InstanceNorm1d(channels, eps=1e-6, affine=True)
+    return nn.Sequential(conv, norm, nn.LeakyReLU(SLOPE))
 
 
 class Residual(nn.Module):
+    """(fn(x) + x) / sqrt(2)."""
+
     def __init__(self, fn):
         super().__init__()
         self.fn = fn
@@ -112,142 +153,195 @@ class Residual(nn.Module):
 
 
 class DINOBackbone(nn.Module):
-    """Frozen DINO (v1) ViT: patch tokens (B, C, L) after each of `taps` blocks and after the last one."""
+    """A DINO (v1) ViT with the official keys: images in [-1, 1], resized to
+    grid * patch (224 for ViT-S/8) as in RAE -> patch tokens (B, C, L) at
+    the output, then after each block in `taps`."""
 
-    def __init__(self, dim, depth, patch, grid, taps=(2, 5, 8, 11)):
+    def __init__(self, dim, depth, patch, grid, taps=DINO_TAPS):
         super().__init__()
-        self.patch, self.grid = patch, grid
+        self.size = (grid * patch, grid * patch)
         self.taps = [t for t in taps if t < depth]
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, dim))
-        self.blocks = nn.ModuleList([Block(dim, max(1, dim // 64)) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)  # in the checkpoint, unused (RAE reads pre-norm tokens)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid**2, dim))
+        heads = max(1, dim // 64)  # of width 64
+        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        # in the checkpoint, unused: RAE reads the tokens before this norm
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.register_buffer("mean", rgb(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("std", rgb(IMAGENET_STD), persistent=False)
 
-    def forward(self, x_pm1):
-        size = self.grid * self.patch  # 224 for ViT-S/8: the input is resized, as in RAE
-        x = F.interpolate(x_pm1.float(), size=(size, size), mode="bilinear", align_corners=False)
+    def forward(self, x):
+        x = F.interpolate(x.float(), self.size, mode="bilinear",
+                          align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, L, C)
+        cls = self.cls_token.expand(len(x), -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + L, C)
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.taps:
-                feats.append(x[:, 1:].transpose(1, 2))
+                feats.append(x[:, 1:].transpose(1, 2))  # (B, C, L)
         return [x[:, 1:].transpose(1, 2)] + feats
 
 
 def load_dino_backbone(path):
-    """A DINO (v1) ViT checkpoint in the official layout (dino_deitsmall8_pretrain.pth)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected --disc-encoder, the DINO ViT-S/8 weights "
-                                f"from {DINO_S8_URL} (or pass --disc patch)")
-    sd = read_state_dict(path, f"the DINO ViT-S/8 weights ({DINO_S8_URL})")
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
-    dinov2 = "register_tokens" in sd or "mask_token" in sd or any(".ls1." in k for k in sd)
-    if "pos_embed" not in sd or "patch_embed.proj.weight" not in sd or dinov2:
-        raise ValueError(f"{path}: expected a DINO (v1) ViT state dict (cls_token, pos_embed, patch_embed.proj, "
-                         f"blocks.N.*, no LayerScale/registers), e.g. {DINO_S8_URL}")
-    dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
-    model = DINOBackbone(dim, depth, patch, grid)
+    """A frozen DINO (v1) ViT from an official checkpoint (DINO_S8_URL)."""
+    what = f"DINO (v1) ViT-S/8 weights ({DINO_S8_URL})"
+    need_file(path, f"--disc-encoder, {what}, or --disc patch")
+    sd = read_state_dict(path, what)
+    # DINO's training checkpoints prefix the keys: module., backbone.
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v
+          for k, v in sd.items()}
+    proj = sd.get("patch_embed.proj.weight")  # (C, 3, patch, patch)
+    if proj is None or "pos_embed" not in sd:
+        raise ValueError(f"{path}: expected {what}")
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    model = DINOBackbone(dim=proj.shape[0], depth=1 + max(blocks),
+                         patch=proj.shape[-1], grid=grid)
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: DINO ViT keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if missing or unexpected:  # e.g. DINOv2
+        raise ValueError(f"{path}: expected {what}; missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     return model.eval().requires_grad_(False)
 
 
+def drop_backbone(module, state_dict, prefix, local_metadata):
+    """state_dict hook: only the heads are saved, not the backbone."""
+    for k in [k for k in state_dict if k.startswith(prefix + "backbone.")]:
+        del state_dict[k]
+
+
+def allow_no_backbone(module, incompatible_keys):
+    """load_state_dict hook: a heads-only state dict loads strictly."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith("backbone.")]
+
+
 class DINODiscriminator(nn.Module):
-    """RAE's discriminator: frozen DINO features -> trainable heads -> per-token logits (B, L * heads)."""
+    """RAE's: frozen DINO tokens -> trainable heads -> logits (B, L * heads).
+    Its state dict and its parameters that require grad are the heads'."""
 
     def __init__(self, backbone, kernel=9):
         super().__init__()
-        self.backbone = [backbone]  # a list: not a submodule, so it stays frozen and out of state_dict
+        # frozen; no dropout or batch norm: train/eval mode does not matter
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.register_state_dict_post_hook(drop_backbone)
+        self.register_load_state_dict_post_hook(allow_no_backbone)
         width = backbone.patch_embed.proj.out_channels
-        self.heads = nn.ModuleList([
-            nn.Sequential(conv_norm_act(width, 1), Residual(conv_norm_act(width, kernel)),
-                          spectral_norm(nn.Conv1d(width, 1, 1)))
-            for _ in range(len(backbone.taps) + 1)])
+        self.heads = nn.ModuleList()
+        for _ in range(len(backbone.taps) + 1):
+            self.heads.append(nn.Sequential(
+                conv_norm_act(width, 1),
+                Residual(conv_norm_act(width, kernel)),
+                spectral_norm(nn.Conv1d(width, 1, 1))))
 
-    def to(self, *args, **kwargs):
-        self.backbone[0].to(*args, **kwargs)
-        return super().to(*args, **kwargs)
-
-    def forward(self, x_pm1):
-        feats = self.backbone[0](x_pm1)
-        return torch.cat([head(f).flatten(1) for head, f in zip(self.heads, feats)], 1)
+    def forward(self, x):
+        feats = self.backbone(x)  # [output, *taps], each (B, C, L)
+        assert len(feats) == len(self.heads)
+        logits = [h(f).flatten(1) for h, f in zip(self.heads, feats)]
+        return torch.cat(logits, dim=1)  # (B, L * heads)
 
 
 class PatchDiscriminator(nn.Module):
-    """A weight-free PatchGAN: stride-2 convs (spectral norm, GroupNorm, LeakyReLU) -> a logit map (B, L)."""
+    """A PatchGAN: 4x4 stride-2 convs (spectral norm, GroupNorm but on the
+    first, LeakyReLU), then a 3x3 conv to a logit map, flattened (B, L)."""
 
     def __init__(self, width=64, layers=3):
         super().__init__()
-        mods, c = [spectral_norm(nn.Conv2d(3, width, 4, 2, 1)), nn.LeakyReLU(0.2)], width
-        for _ in range(layers - 1):
-            mods += [spectral_norm(nn.Conv2d(c, 2 * c, 4, 2, 1)), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2)]
-            c *= 2
-        mods.append(spectral_norm(nn.Conv2d(c, 1, 3, 1, 1)))
-        self.net = nn.Sequential(*mods)
+        mods = []
+        c_in = 3
+        for k in range(layers):
+            c = width * 2**k
+            conv = nn.Conv2d(c_in, c, 4, stride=2, padding=1)
+            mods.append(spectral_norm(conv))
+            if k > 0:
+                mods.append(nn.GroupNorm(8, c))
+            mods.append(nn.LeakyReLU(SLOPE))
+            c_in = c
+        last = nn.Conv2d(c_in, 1, 3, padding=1)
+        self.net = nn.Sequential(*mods, spectral_norm(last))
 
-    def forward(self, x_pm1):
-        return self.net(x_pm1.float()).flatten(1)
+    def forward(self, x):
+        return self.net(x.float()).flatten(1)
+
+
+# -----------------------------------------------------------------------------
+# RAE's DiffAug: a translation with zero fill, then brightness, saturation and
+# contrast jitter, from per-example uniforms u (B, 5) that the caller draws.
+
+TRANSLATION = 1 / 8  # the largest shift / the side
+
+
+def shifted_index(n, u):
+    """Read indices (B, n) shifted by a t in [-d, d] drawn from u (B,),
+    clamped into [0, n), and whether each was inside."""
+    d = round(n * TRANSLATION)
+    t = (u * (2 * d + 1)).floor().long() - d  # (B,) in [-d, d]
+    i = torch.arange(n, device=u.device)[None] + t[:, None]  # (B, n)
+    return i.clamp(0, n - 1), (i >= 0) & (i < n)
 
 
 def diff_augment(x, u):
-    """RAE's DiffAug (translation by up to 1/8 of the side with zero fill, then brightness,
-    saturation and contrast jitter), with the per-example uniforms u (B, 5) given by the caller."""
+    """Images x (B, C, H, W) augmented with the uniforms u (B, 5)."""
     B, _, H, W = x.shape
-    dh, dw = round(H * 0.125), round(W * 0.125)
-    th = (u[:, 0] * (2 * dh + 1)).floor().long() - dh
-    tw = (u[:, 1] * (2 * dw + 1)).floor().long() - dw
-    ih = torch.arange(H, device=x.device)[None] + th[:, None]  # output (i, j) reads input (i + th, j + tw)
-    iw = torch.arange(W, device=x.device)[None] + tw[:, None]
-    valid = ((ih >= 0) & (ih < H))[:, :, None] & ((iw >= 0) & (iw < W))[:, None, :]
+    assert u.shape == (B, 5), u.shape
+    # output pixel (i, j) reads input pixel (i + th, j + tw), zero outside
+    ih, inside_h = shifted_index(H, u[:, 0])
+    iw, inside_w = shifted_index(W, u[:, 1])
+    inside = inside_h[:, :, None] & inside_w[:, None, :]  # (B, H, W)
     b = torch.arange(B, device=x.device)[:, None, None]
-    x = x.permute(0, 2, 3, 1)[b, ih.clamp(0, H - 1)[:, :, None], iw.clamp(0, W - 1)[:, None, :]]
-    x = (x * valid[..., None]).permute(0, 3, 1, 2)
-    x = x + (u[:, 2] - 0.5).view(B, 1, 1, 1)                                     # brightness
+    x = x.permute(0, 2, 3, 1)[b, ih[:, :, None], iw[:, None, :]]
+    x = (x * inside[..., None]).permute(0, 3, 1, 2)  # (B, C, H, W)
+    s = u[:, :, None, None, None]  # (B, 5, 1, 1, 1)
+    x = x + (s[:, 2] - 0.5)  # brightness
     m = x.mean(1, keepdim=True)
-    x = (x - m) * (2 * u[:, 3]).view(B, 1, 1, 1) + m                             # saturation
+    x = (x - m) * (2 * s[:, 3]) + m  # saturation
     m = x.mean((1, 2, 3), keepdim=True)
-    return (x - m) * (u[:, 4] + 0.5).view(B, 1, 1, 1) + m                        # contrast
+    return (x - m) * (s[:, 4] + 0.5) + m  # contrast
 
 
 # -----------------------------------------------------------------------------
 # The losses
 
 def hinge_d_loss(logits_real, logits_fake):
-    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+    """The discriminator's hinge loss."""
+    real = F.relu(1 - logits_real).mean()
+    fake = F.relu(1 + logits_fake).mean()
+    return 0.5 * (real + fake)
 
 
-def adaptive_weight(recon_loss, gan_loss, last_layer, average=lambda g: g, max_weight=1e4):
-    """VQGAN / RAE: lambda = ||grad recon|| / ||grad gan|| at the last layer, clamped. `average`
-    (e.g. common.all_reduce_) averages the two gradients over ranks first, so that lambda is the
-    global batch's."""
-    g_rec = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
-    g_gan = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    g = average(torch.stack([g_rec, g_gan]))
-    return (g[0].norm() / (g[1].norm() + 1e-6)).clamp(0, max_weight).detach()
+def adaptive_weight(recon_loss, gan_loss, last_layer,
+                    average=lambda g: g, max_weight=1e4):
+    """VQGAN / RAE: lambda = |grad recon| / |grad gan| at the last layer,
+    clamped to [0, max_weight], detached. `average` (e.g. common.all_reduce_)
+    first averages both gradients over the ranks: the global batch's lambda."""
+    grads = [torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
+             for loss in (recon_loss, gan_loss)]
+    g = average(torch.stack(grads))  # (2, *last_layer.shape)
+    ratio = g[0].norm() / (g[1].norm() + 1e-6)
+    return ratio.clamp(0, max_weight).detach()
 
 
-def generator_loss(recon, x, lpips, perceptual_weight, disc=None, disc_weight=0.0, aug_u=None, last_layer=None,
+def generator_loss(recon, x, lpips, perceptual_weight, disc=None,
+                   disc_weight=0.0, aug_u=None, last_layer=None,
                    average=lambda g: g):
-    """RAE's decoder objective on x^ of eq. 7 (recon) and x in [0, 1]: L1 + w_p * LPIPS, plus
-    w_d * lambda * (-Disc(DiffAug(x^, aug_u))) when `disc` is given (lambda: adaptive_weight at last_layer).
-    Returns (total, dict of detached parts)."""
-    rec = (recon - x).abs().mean()
-    lp = lpips(x * 2 - 1, recon * 2 - 1).mean() if perceptual_weight > 0 else rec.new_zeros(())
-    total = rec + perceptual_weight * lp
-    parts = dict(l1=rec.detach(), lpips=lp.detach())
+    """Eq. 7 on x^ = recon and x in [0, 1]: L1 + w_p * LPIPS, plus
+    w_d * lambda * (-D(DiffAug(x^, aug_u))) when `disc` is given (lambda:
+    adaptive_weight at last_layer). Returns (total, detached parts)."""
+    l1 = (recon - x).abs().mean()
+    if perceptual_weight > 0:
+        lp = lpips(x * 2 - 1, recon * 2 - 1).mean()
+    else:
+        lp = l1.new_zeros(())
+    total = l1 + perceptual_weight * lp
+    parts = dict(l1=l1.detach(), lpips=lp.detach())
     if disc is not None:
         gan = -disc(diff_augment(recon * 2 - 1, aug_u)).mean()
-        lam = adaptive_weight(total, gan, last_layer, average)
+        lam = adaptive_weight(total, gan, last_layer, average=average)
         total = total + disc_weight * lam * gan
         parts.update(gan=gan.detach(), adaptive_weight=lam)
     return total, parts

@@ -1,26 +1,42 @@
-"""Semantic representation compressors: the SRC of paper §3.2 (eq. 4) and the variants of its Table 5.
+"""The Semantic Representation Compressor and the compact space it makes (paper §3.2-3.4).
 
-A compressor maps each normalized RAE token z_i in R^n (n = 768 for DINOv2-B) to a compact token in R^d (d = 32)
-from which the frozen RAE decoder still rebuilds the image: z_c~ = C_enc(z) in R^{N x d}, z^ = C_dec(z_c~) (eq. 4).
-COMPRESSORS maps train_src.py's --compressor value to the class (Table 5's convolutional variant is not provided):
-  src       the paper's SRC: L Transformer blocks at width n, then Linear n -> d; C_dec mirrors it. Self-attention
-            lets every compact token draw on the whole image: the best of Table 5.
-  linear    token-wise Linear n -> d and d -> n, trained with the same stage-1 losses (Table 5).
-  pca       fitted, not trained: the top-d principal directions of the normalized RAE tokens (§3.2, Fig. 3: 99.06%
-            of the variance at d = 32; Table 5).
-  identity  no compression, d = n: the full-representation baseline that the flow struggles with (§3.1, Table 1).
+A compressor C maps each normalized RAE token z_i in R^n (n = 768 for DINOv2-B) to a compact
+token in R^d (d = 32) from which the frozen RAE decoder D still rebuilds the image:
+
+    z_c~ = C_enc(z) in R^{N x d},    z^ = C_dec(z_c~) in R^{N x n}                      (eq. 4)
+
+COMPRESSORS maps train_src.py's --compressor to its class (the rows of the paper's Table 5):
+  src       the paper's SRC: L Transformer blocks at width n, then Linear n -> d; C_dec mirrors
+            it. Self-attention lets every compact token draw on the whole image.
+  linear    token-wise Linear n -> d and d -> n, trained with the same losses.
+  pca       fitted, not trained: the top-d principal directions of the normalized RAE tokens
+            (99.06% of the variance at d = 32, paper Fig. 3).
+  identity  no compression, d = n: the full-representation baseline (§3.1, Table 1).
+
+Stage1 then writes the compact space once, with E, the RAE statistics (eq. 1) and norm2:
+
+    x^  = D(denorm(C_dec(C_enc(norm(E(x) + eps_src)))))             (eq. 7, stage 1 trains it)
+    z_c = norm2(C_enc(norm(E(x) + eps_flow)))                       (eq. 5 without noise, eq. 8)
+    x^  = D(denorm(C_dec(denorm2(f^{-1}(u)))))                      (eq. 10, sampling)
+
+load_stage1 rebuilds it from a train_src.py checkpoint.
 """
 
 import inspect
+import os
 
 import torch
 import torch.nn as nn
 
-from rae import Block
+from common import UserError, load_checkpoint
+from rae import (RAE, STATS_EPS, Block, RAEDecoder, denormalize, fingerprint, load_dinov2,
+                 load_rae_decoder, normalize)
+
+LN_EPS = 1e-6
 
 
 def init_linear(module):
-    """ViT initialisation of every Linear in module: truncated normal (std 0.02) weights, zero biases."""
+    """ViT initialisation of every Linear: truncated normal (std 0.02) weights, zero biases."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -28,21 +44,26 @@ def init_linear(module):
 
 
 class Compressor(nn.Module):
-    """Every compressor has n, d, kind, encode, decode, forward = decode(encode(.)), config() (type(c)(**c.config())
-    rebuilds it) and last_layer(): the weight whose gradient sets stage 1's adaptive GAN weight, or None."""
+    """What every compressor has: n, d, kind, encode (C_enc), decode (C_dec), forward (eq. 4's
+    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer(), the weight whose
+    gradient sets stage 1's adaptive GAN weight (None when nothing trains)."""
 
     def __init__(self, n, d):
         super().__init__()
         if n <= 0 or d <= 0:
             raise ValueError(f"{type(self).__name__}: need n > 0 and d > 0, got n={n}, d={d}")
-        self.n, self.d = n, d
+        self.n = n
+        self.d = d
 
     def config(self):
-        return {name: getattr(self, name) for name in inspect.signature(type(self)).parameters}
+        params = inspect.signature(type(self)).parameters
+        return {name: getattr(self, name) for name in params}
 
-    def _check(self, x, width, name):
+    def check(self, x, width, name):
+        """x unchanged if it is tokens (B, N, width), else a one-line error."""
         if x.dim() != 3 or x.shape[-1] != width:
-            raise ValueError(f"{type(self).__name__}.{name}: expected (B, N, {width}) tokens, got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}.{name}: expected (B, N, {width}) tokens, "
+                             f"got {tuple(x.shape)}")
         return x
 
     def forward(self, z):
@@ -54,63 +75,77 @@ class Compressor(nn.Module):
 
 
 class SRC(Compressor):
-    """C_enc: (B, N, n) -> (B, N, d) and C_dec: (B, N, d) -> (B, N, n) with L Transformer blocks each (eq. 4).
+    """C_enc (B, N, n) -> (B, N, d) and C_dec (B, N, d) -> (B, N, n), L blocks each (eq. 4).
 
-    The blocks are the DINOv2 encoder's pre-LN ViT blocks (rae.Block, without LayerScale). Each side ends its stack
-    with a LayerNorm; on the decoder side this matches the target: RAE tokens are LayerNorm outputs (without affine)
-    standardised per channel, an affine map of a LayerNorm output, which a LayerNorm with affine represents exactly.
+    The blocks are the DINOv2 encoder's pre-LN ViT blocks without LayerScale. Each side ends its
+    stack with a LayerNorm. On the decoder side it matches the target: an RAE token is a
+    LayerNorm output (without affine) standardised per channel, i.e. an affine map of a LayerNorm
+    output, which a LayerNorm with affine represents exactly.
     """
     kind = "src"
 
     def __init__(self, n=768, d=32, depth=4, num_heads=None, mlp_ratio=4.0):
         super().__init__(n, d)
         num_heads = num_heads or max(1, n // 64)
-        if n % num_heads or depth < 0:
-            raise ValueError(f"SRC: need depth >= 0 (got {depth}) and a width n={n} divisible by num_heads={num_heads}"
-                             f"{' (it is not divisible)' if n % num_heads else ''}")
-        self.depth, self.num_heads, self.mlp_ratio = depth, num_heads, mlp_ratio
-        self.enc_blocks = nn.Sequential(*[Block(n, num_heads, mlp_ratio) for _ in range(depth)])
-        self.enc_norm, self.enc_proj = nn.LayerNorm(n, eps=1e-6), nn.Linear(n, d)
+        if depth < 0 or n % num_heads:
+            raise ValueError(f"SRC: need depth >= 0 (got {depth}) and a width n={n} divisible by "
+                             f"num_heads={num_heads}{' (not divisible)' if n % num_heads else ''}")
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        enc_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
+        dec_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
+        self.enc_blocks = nn.Sequential(*enc_blocks)
+        self.enc_norm = nn.LayerNorm(n, eps=LN_EPS)
+        self.enc_proj = nn.Linear(n, d)
         self.dec_proj = nn.Linear(d, n)
-        self.dec_blocks = nn.Sequential(*[Block(n, num_heads, mlp_ratio) for _ in range(depth)])
-        self.dec_norm = nn.LayerNorm(n, eps=1e-6)
+        self.dec_blocks = nn.Sequential(*dec_blocks)
+        self.dec_norm = nn.LayerNorm(n, eps=LN_EPS)
         init_linear(self)
 
     def last_layer(self):
-        """C_dec's last linear layer: the last block's fc2, or the d -> n projection when L = 0."""
-        return self.dec_blocks[-1].mlp.fc2.weight if self.depth else self.dec_proj.weight
+        """C_dec's last linear layer: the last block's fc2 (the d -> n projection when L = 0)."""
+        if self.depth == 0:
+            return self.dec_proj.weight
+        return self.dec_blocks[-1].mlp.fc2.weight
 
     def encode(self, z):
-        """C_enc: normalized RAE tokens z (B, N, n) -> compact tokens (B, N, d)."""
-        return self.enc_proj(self.enc_norm(self.enc_blocks(self._check(z, self.n, "encode"))))
+        """C_enc: normalized RAE tokens (B, N, n) -> compact tokens (B, N, d)."""
+        h = self.enc_blocks(self.check(z, self.n, "encode"))
+        return self.enc_proj(self.enc_norm(h))
 
-    def decode(self, zc):
+    def decode(self, z_c):
         """C_dec: compact tokens (B, N, d) -> reconstructed normalized RAE tokens (B, N, n)."""
-        return self.dec_norm(self.dec_blocks(self.dec_proj(self._check(zc, self.d, "decode"))))
+        h = self.dec_proj(self.check(z_c, self.d, "decode"))
+        return self.dec_norm(self.dec_blocks(h))
 
 
 class Linear(Compressor):
-    """Token-wise C_enc = Linear n -> d and C_dec = Linear d -> n: no token sees another (Table 5)."""
+    """Token-wise C_enc = Linear n -> d and C_dec = Linear d -> n: no token sees another."""
     kind = "linear"
 
     def __init__(self, n=768, d=32):
         super().__init__(n, d)
-        self.enc_proj, self.dec_proj = nn.Linear(n, d), nn.Linear(d, n)
+        self.enc_proj = nn.Linear(n, d)
+        self.dec_proj = nn.Linear(d, n)
         init_linear(self)
 
     def last_layer(self):
         return self.dec_proj.weight
 
     def encode(self, z):
-        return self.enc_proj(self._check(z, self.n, "encode"))
+        return self.enc_proj(self.check(z, self.n, "encode"))
 
-    def decode(self, zc):
-        return self.dec_proj(self._check(zc, self.d, "decode"))
+    def decode(self, z_c):
+        return self.dec_proj(self.check(z_c, self.d, "decode"))
 
 
 class PCA(Compressor):
-    """C_enc(z) = (z - mean) @ components^T, C_dec(zc) = zc @ components + mean; components (d, n) holds the top-d
-    principal directions as orthonormal rows, `explained` the share of the variance they capture (NaN until fit)."""
+    """C_enc(z) = (z - mean) @ components^T and C_dec(z_c) = z_c @ components + mean.
+
+    components (d, n) holds the top-d principal directions as orthonormal rows; `explained` is
+    the share of the variance they capture (NaN until fit).
+    """
     kind = "pca"
 
     def __init__(self, n=768, d=32):
@@ -123,25 +158,30 @@ class PCA(Compressor):
 
     @torch.no_grad()
     def fit(self, mean, cov):
-        """Set the components from the channel mean (n,) and the n x n covariance of the normalized RAE tokens:
-        eigenvectors of the d largest eigenvalues (eigh in float64), each signed so its largest-|.| entry is > 0."""
-        mean, cov = (torch.as_tensor(t).double().cpu() for t in (mean, cov))
-        if mean.shape != (self.n,) or cov.shape != (self.n, self.n) or not cov.isfinite().all():
-            raise ValueError(f"PCA.fit: expected a mean ({self.n},) and a finite covariance ({self.n}, {self.n}), "
+        """Components from the channel mean (n,) and covariance (n, n) of the normalized RAE
+        tokens: the eigenvectors of the d largest eigenvalues (float64), each signed so that its
+        largest-magnitude entry is positive."""
+        mean = torch.as_tensor(mean).double().cpu()
+        cov = torch.as_tensor(cov).double().cpu()
+        n = self.n
+        if mean.shape != (n,) or cov.shape != (n, n) or not cov.isfinite().all():
+            raise ValueError(f"PCA.fit: expected a mean ({n},) and a finite covariance ({n}, {n}), "
                              f"got {tuple(mean.shape)} and {tuple(cov.shape)}")
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
-        evals, comps = evals.flip(0).clamp_min(0), evecs.flip(1)[:, :self.d].T
-        comps = comps * comps.gather(1, comps.abs().argmax(1, keepdim=True)).sign()
+        evals = evals.flip(0).clamp_min(0)
+        comps = evecs.flip(1)[:, :self.d].T  # (d, n), the largest first
+        largest = comps.gather(1, comps.abs().argmax(1, keepdim=True))
+        comps = comps * largest.sign()
         self.mean.copy_(mean)
         self.components.copy_(comps)
         self.explained.fill_(float(evals[:self.d].sum() / evals.sum()))
         return self
 
     def encode(self, z):
-        return (self._check(z, self.n, "encode") - self.mean) @ self.components.T
+        return (self.check(z, self.n, "encode") - self.mean) @ self.components.T
 
-    def decode(self, zc):
-        return self._check(zc, self.d, "decode") @ self.components + self.mean
+    def decode(self, z_c):
+        return self.check(z_c, self.d, "decode") @ self.components + self.mean
 
 
 class Identity(Compressor):
@@ -152,10 +192,153 @@ class Identity(Compressor):
         super().__init__(n, n)
 
     def encode(self, z):
-        return self._check(z, self.n, "encode")
+        return self.check(z, self.n, "encode")
 
-    def decode(self, zc):
-        return self._check(zc, self.d, "decode")
+    def decode(self, z_c):
+        return self.check(z_c, self.d, "decode")
 
 
 COMPRESSORS = {"src": SRC, "linear": Linear, "pca": PCA, "identity": Identity}
+
+
+# ---- The compact space: eq. 5, 7, 8, 10
+
+class Stage1(nn.Module):
+    """E and D with the RAE statistics (rae.RAE), a compressor C and the compact statistics norm2.
+
+    norm2 is the channel-wise standardisation of C_enc's output (eq. 5), written with the same
+    function as eq. 1: (x - mean2) / sqrt(var2 + eps2). Until train_src.py measures it at its
+    end, norm2 is the identity (mean 0, var 1, eps 0); eq. 7, which stage 1 trains, does not
+    use it.
+    """
+
+    def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS):
+        super().__init__()
+        d = compressor.d
+        self.rae = rae
+        self.C = compressor
+        if mean2 is None:
+            mean2 = torch.zeros(d)
+            var2 = torch.ones(d)
+            eps2 = 0.0
+        self.register_buffer("mean2", torch.as_tensor(mean2).float())
+        self.register_buffer("var2", torch.as_tensor(var2).float())
+        self.eps2 = float(eps2)
+
+    def encode_raw(self, images):
+        """z_raw = E(x): images in [0, 1] (B, 3, S, S) -> (B, N, n)."""
+        return self.rae.encode_raw(images)
+
+    def forward(self, z_raw, eps=None):
+        """Eq. 7: x^ = D(denorm(C_dec(C_enc(norm(E(x) + eps))))) in [0, 1], from z_raw = E(x)."""
+        if eps is not None:
+            z_raw = z_raw + eps.to(z_raw.dtype)
+        z_hat = self.C(self.rae.normalize(z_raw))  # C_dec(C_enc(z)), eq. 4
+        return self.rae.decode(z_hat)
+
+    def compact(self, z_raw, eps=None):
+        """Eq. 8: z_c = norm2(C_enc(norm(E(x) + eps))) (B, N, d) from z_raw = E(x); eq. 5 when eps
+        is None. eps is drawn by common.encoder_noise."""
+        if eps is not None:
+            z_raw = z_raw + eps.to(z_raw.dtype)
+        z_c = self.C.encode(self.rae.normalize(z_raw))
+        return normalize(z_c, self.mean2, self.var2, self.eps2)
+
+    def encode(self, images, eps=None):
+        """Images in [0, 1] (B, 3, S, S) -> z_c (eq. 8; eq. 5 without eps)."""
+        return self.compact(self.encode_raw(images), eps)
+
+    def decode(self, z_c):
+        """The decoders of eq. 10: D(denorm(C_dec(denorm2(z_c)))) in [0, 1] (not clamped)."""
+        z_c_tilde = denormalize(z_c, self.mean2, self.var2, self.eps2).to(z_c.dtype)
+        return self.rae.decode(self.C.decode(z_c_tilde))
+
+    def generate(self, flow, u, labels=None, guidance=0.0, guide_blocks="all", score_step=0.0):
+        """Eq. 10: prior noise u (B, N, d) -> images in [0, 1] (B, 3, S, S), not clamped.
+
+        z_c = f^{-1}(u) with classifier-free guidance (STARFlow's rule; every block or the deep
+        one), then SimFlow's score step when score_step > 0, then the decoders.
+        """
+        if not flow.num_classes:
+            labels = None
+        z_c = flow.reverse(u, labels, guidance=guidance, guide_blocks=guide_blocks)
+        if score_step:
+            z_c = flow.score_step(z_c, labels, score_step)  # SimFlow eq. 6
+        return self.decode(z_c).float()
+
+
+def recorded_part(ckpt_path, what, flag, path, load, record):
+    """E or a released D of a stage-1 checkpoint: load(path), refused unless its config() and
+    its weights' fingerprint are the recorded ones (files written before fingerprints were
+    recorded: config only)."""
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: the {what} named by {ckpt_path} is missing; "
+                                f"pass {flag} PATH where it now lives")
+    model = load(path)
+    config = model.config()
+    if config != record["config"]:
+        raise UserError(f"{path}: {what} {config} differs from the one {ckpt_path} was trained "
+                        f"with ({record['config']})")
+    recorded = record.get("fingerprint")
+    if recorded is not None and fingerprint(model) != recorded:
+        raise UserError(f"{path}: {what} weights (fingerprint {fingerprint(model)}) are not the "
+                        f"ones {ckpt_path} was trained with ({recorded}); pass {flag} with the "
+                        f"file stage 1 used")
+    return model
+
+
+def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
+    """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), in eval mode.
+
+    The checkpoint records what it was built from, and exactly that is rebuilt or refused:
+      encoder     {kind, path, config, fingerprint}
+      decoder     {path, config, fingerprint, state, state_ema} (states when D was trained)
+      compressor  {kind, config, state, state_ema}
+      rae_stats   {mean, var};  norm2 {mean, var, eps} (no eps: written before it was stored,
+                  when norm2 divided by sqrt(var): eps 0 reproduces it)
+    E and a released D are read from their files, which may have moved: `encoder` and `decoder`
+    (the scripts' --encoder and --decoder) give their new paths.
+    """
+    ckpt = load_checkpoint(path, "src")
+    if "compressor" not in ckpt:
+        raise UserError(f"{path}: stage-1 checkpoint of an older layout (no 'compressor' "
+                        f"record); rerun train_src.py")
+    norm2 = ckpt.get("norm2")
+    if norm2 is None:
+        raise UserError(f"{path}: stage-1 run has no compact statistics norm2 yet (train_src.py "
+                        f"writes them when it stops); resume it with --resume --max-steps N")
+    enc = ckpt["encoder"]
+    dec = ckpt["decoder"]
+    comp = ckpt["compressor"]
+    E = recorded_part(
+        ckpt_path=path,
+        what="DINOv2 encoder",
+        flag="--encoder",
+        path=encoder or enc["path"],
+        load=load_dinov2,
+        record=enc,
+    )
+    if dec["state"] is not None:  # D was trained with C: its weights are in the checkpoint
+        D = RAEDecoder(**dec["config"])
+        D.load_state_dict(dec["state_ema" if ema else "state"])
+    else:
+        heads = dec["config"].get("num_heads")
+        D = recorded_part(
+            ckpt_path=path,
+            what="RAE decoder",
+            flag="--decoder",
+            path=decoder or dec["path"],
+            load=lambda p: load_rae_decoder(p, num_heads=heads),
+            record=dec,
+        )
+    rae = RAE(E, D, image_size=ckpt["image_size"])
+    rae.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
+    if comp["kind"] not in COMPRESSORS:
+        raise UserError(f"{path}: compressor kind {comp['kind']!r} is not in src.COMPRESSORS "
+                        f"({', '.join(COMPRESSORS)}); a fork's compressor must be added there")
+    C = COMPRESSORS[comp["kind"]](**comp["config"])
+    C.load_state_dict(comp["state_ema" if ema else "state"])
+    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=norm2.get("eps", 0.0))
+    stage1.image_size = int(ckpt["image_size"])
+    stage1.num_classes = ckpt.get("num_classes")
+    return stage1.to(device).eval().requires_grad_(False)

@@ -1,37 +1,38 @@
-"""Transformer autoregressive affine flow (TARFlow) with SimFlow's upgrades, paper §2, eq. 2, 3, 9.
+"""Transformer autoregressive affine flow (TARFlow) with SimFlow's upgrades: paper §2, eq. 2, 3, 9.
 
-x (B, N, d) are the data tokens (the compact features), z the Gaussian prior side, y the class labels.
-The flow f = f_{K-1} o ... o f_0 maps x = x^0 to z = x^K. Block k reads the tokens in its own order, a
-permutation pi_k of 0..N-1 (default: identity, reversed, identity, ...), and moves each token with an
-affine map whose parameters come from a causal Transformer over the tokens read before it:
+The flow f = f_{K-1} o ... o f_0 maps the compact tokens z_c (B, N, d) to the prior variable
+u = f(z_c) ~ N(0, I). Block k reads its input y^k in its own token order (a permutation of
+0..N-1; by default identity, reversed, identity, ...) and moves each token with an affine map:
 
-    x^{k+1}_i = (x^k_i - mu^k_i) * exp(-alpha^k_i),    x^k_i = x^{k+1}_i * exp(alpha^k_i) + mu^k_i   (eq. 3)
+    y^{k+1}_i = (y^k_i - mu^k_i) * exp(-alpha^k_i)          (eq. 3, forward)
+    y^k_i = y^{k+1}_i * exp(alpha^k_i) + mu^k_i             (eq. 3, inverse)
 
-(mu^k_i, alpha^k_i) depend on x^k_{<i} only (the Transformer output is shifted by one position; the first token
-read gets mu = alpha = 0), so the Jacobian is triangular and
+(mu^k_i, alpha^k_i) come from a causal Transformer over the tokens read before token i (the
+first token read gets mu = alpha = 0). The Jacobian is triangular, so the likelihood is exact:
 
-    log p(x|y) = log N(f(x); 0, I) + log|det df/dx|,   log|det df/dx| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
+    log p(z_c | c) = log N(u; 0, I) + log|det df/dz_c|,   log|det| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
 
-and training minimises 0.5 ||f(x)||^2 + sum alpha (eq. 9). Following SimFlow (Table 8) the blocks are deep-shallow
-(depths [2, 2, 2, 2, 2, L]: the deep block is the last one in the data -> prior direction, i.e. the first one run
-when sampling) and each Transformer layer is conditioned on the class by adaLN-Zero (DiT). Label `num_classes` is
-the null label, used for label dropout in training and for the unconditional half of classifier-free guidance; an
-unconditional flow (num_classes=0) has only the null label.
+and training minimises eq. 9, 0.5 ||u||^2 + sum alpha (here divided by N d: nll_per_dim).
 
-Sampling (`reverse`) inverts the blocks token by token: one fused step per token writes its keys and values into
-caches preallocated for the whole sequence; the class modulation is computed once per block. With guidance w > 0
-the conditional and null-label passes run as one batch [cond; null] and their Gaussians are combined per element
-with STARFlow's guided-Gaussian rule (sigma = exp(alpha)):
+SimFlow's choices (its Table 8): deep-shallow depths [2, 2, 2, 2, 2, L], the deep block last in
+the data -> prior direction (so first when sampling), and class conditioning of every layer by
+adaLN-Zero (DiT). The label `num_classes` is the null label: label dropout in training and the
+unconditional half of classifier-free guidance.
+
+Sampling (`reverse`) inverts the blocks token by token with key/value caches that the caller's
+loop owns (preallocated, written in place). With guidance w > 0 the conditional and null-label
+passes run as one batch [cond; null] and each token's two Gaussians are combined by STARFlow's
+rule (sigma = exp(alpha)):
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
 
-Both halves then continue from the same guided token, as in STARFlow. guide_blocks='all' (default) guides every
-block; 'deep' is STARFlow's top-block mode: only the deep block is guided and the shallow blocks run conditional on
-y with w = 0, at batch B. `score_step` then takes SimFlow's score step (SimFlow eq. 6) with exact gradients.
+Both halves then continue from the same guided token. guide_blocks='all' guides every block;
+'deep' guides the deep block only and runs the shallow blocks conditional with w = 0
+(STARFlow's top-block mode). `score_step` is SimFlow's score step (SimFlow eq. 6).
 
-Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and the tokens between
-blocks stay in float32 (float64 for float64 model and input, as the tests use).
+Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and
+the tokens between blocks stay in float32 (float64 for a float64 flow and input).
 """
 
 import math
@@ -39,10 +40,14 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-# Model sizes (SimFlow Table 8; 'tiny' for toy runs and tests). With 1000 classes, d = 32, 256 tokens: S 37M,
-# B 141M, L 475M, XL 695M (Table 8) and XXL 1.36B: its deep block has 46 layers, as SimFlow's §5 and 1.4B count
-# say (Table 8 prints 36: 1.12B). 'XXL-2048' is XXL at width 2048 (4.3B): the paper's naive baseline (Table 1).
+from common import UserError, load_checkpoint
+
+# Model sizes (SimFlow Table 8; 'tiny' for toy runs and tests). With 1000 classes, d = 32 and
+# 256 tokens: S 37M, B 141M, L 475M, XL 695M and XXL 1.36B. XXL's deep block has 46 layers, as
+# SimFlow's §5 and its 1.4B count say (its Table 8 prints 36: 1.12B). 'XXL-2048' is XXL at width
+# 2048 (4.3B): the paper's full-representation baseline (its Table 1).
 SIZES = {
     'tiny': dict(channels=64, head_dim=32, depths=[1, 1, 1, 1, 1, 2]),
     'S': dict(channels=384, head_dim=64, depths=[2, 2, 2, 2, 2, 2]),
@@ -52,6 +57,14 @@ SIZES = {
     'XXL': dict(channels=1152, head_dim=72, depths=[2, 2, 2, 2, 2, 46]),
     'XXL-2048': dict(channels=2048, head_dim=128, depths=[2, 2, 2, 2, 2, 46]),
 }
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)  # -log N(0; 0, 1): the Gaussian constant per dimension
+LN_EPS = 1e-6
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, a LayerNorm output x shifted and scaled by the class
+    (in one fused multiply-add)."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class Attention(nn.Module):
@@ -59,267 +72,390 @@ class Attention(nn.Module):
 
     def __init__(self, channels, head_dim):
         super().__init__()
-        self.num_heads, self.head_dim = channels // head_dim, head_dim
+        self.num_heads = channels // head_dim
+        self.head_dim = head_dim
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x):
-        B, N, width = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(x.transpose(1, 2).reshape(B, N, width))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
-    def step(self, x, cache, t):
-        """x: (B, 1, width) token t; cache: (B, 2, heads, N, head_dim), written in place at t."""
-        B, _, width = x.shape
+    def step(self, x, cache, i):
+        """x (B, 1, C): token i. cache (B, 2, heads, N, head_dim): keys and values, written at i."""
+        B, _, C = x.shape
         qkv = self.qkv(x).view(B, 3, self.num_heads, self.head_dim)
-        cache[:, :, :, t] = qkv[:, 1:]
-        q = qkv[:, 0].unsqueeze(2)
-        x = F.scaled_dot_product_attention(q, cache[:, 0, :, :t + 1], cache[:, 1, :, :t + 1])
-        return self.proj(x.reshape(B, 1, width))  # (B, heads, 1, hd) -> (B, 1, width): a view
+        cache[:, :, :, i] = qkv[:, 1:]  # this token's key and value
+        q = qkv[:, 0].unsqueeze(2)  # (B, heads, 1, head_dim)
+        keys = cache[:, 0, :, :i + 1]
+        values = cache[:, 1, :, :i + 1]
+        x = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(x.reshape(B, 1, C))
 
 
 class Layer(nn.Module):
-    """Pre-LN Transformer layer with adaLN-Zero class modulation (DiT / SimFlow)."""
+    """Pre-LN Transformer layer with adaLN-Zero class modulation (DiT, SimFlow)."""
 
     def __init__(self, channels, head_dim, mlp_ratio):
         super().__init__()
         hidden = int(channels * mlp_ratio)
-        self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
         self.attn = Attention(channels, head_dim)
-        self.norm2 = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        self.ada = nn.Linear(channels, 6 * channels)  # zero-initialised: gates start closed
+        self.ada = nn.Linear(channels, 6 * channels)  # zero-initialised: the gates start closed
 
     def modulation(self, c):
-        """c = SiLU(class embedding) (B, C) -> (shift, 1 + scale, gate) for attention and MLP, each (B, 1, C)."""
-        sa, ca, ga, sm, cm, gm = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
-        return sa, 1 + ca, ga, sm, 1 + cm, gm
+        """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each (B, 1, C)."""
+        return self.ada(c).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(self, h, mod):
-        sa, ca, ga, sm, cm, gm = mod
-        h = h + ga * self.attn(torch.addcmul(sa, self.norm1(h), ca))
-        return h + gm * self.mlp(torch.addcmul(sm, self.norm2(h), cm))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
+        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
-    def step(self, h, mod, cache, t):
-        sa, ca, ga, sm, cm, gm = mod
-        h = h + ga * self.attn.step(torch.addcmul(sa, self.norm1(h), ca), cache, t)
-        return h + gm * self.mlp(torch.addcmul(sm, self.norm2(h), cm))
-
-
-class FlowBlock(nn.Module):
-    """One autoregressive affine block f_k (eq. 3) reading its tokens in the order perm (step i reads token perm[i])."""
-
-    def __init__(self, in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio, perm):
-        super().__init__()
-        natural = list(range(num_tokens))
-        self.order = 'identity' if perm == natural else 'reversed' if perm == natural[::-1] else 'gather'
-        self.register_buffer('perm', torch.tensor(perm), persistent=False)  # the constructor's permutations
-        self.register_buffer('inv_perm', torch.tensor(sorted(natural, key=perm.__getitem__)), persistent=False)
-        self.proj_in = nn.Linear(in_channels, channels)
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)  # by step in this block's order
-        self.class_embed = nn.Embedding(num_classes + 1, channels)  # last row: null label
-        self.layers = nn.ModuleList([Layer(channels, head_dim, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Linear(channels, 2 * channels)
-        self.proj_out = nn.Linear(channels, 2 * in_channels)  # zero-initialised: mu = alpha = 0
-
-    def permute(self, x, inverse=False):
-        """Natural token order -> this block's reading order (inverse=True: back); the default orders need no gather."""
-        if self.order == 'identity':
-            return x
-        if self.order == 'reversed':
-            return x.flip(1)
-        return x.index_select(1, self.inv_perm if inverse else self.perm)
-
-    def conditioning(self, y):
-        """Per-layer adaLN modulations and the output modulation for labels y (B,), computed once."""
-        c = F.silu(self.class_embed(y))
-        shift, scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-        return [layer.modulation(c) for layer in self.layers], (shift, 1 + scale)
-
-    def head(self, h, out_mod):
-        shift, scale = out_mod
-        return self.proj_out(torch.addcmul(shift, self.norm(h), scale))
-
-    def params(self, x, mods, out_mod):
-        """(mu, alpha) for every token of x (B, N, d), already in this block's order; token i sees x_{<i}."""
-        h = self.proj_in(x.to(self.proj_in.weight.dtype)) + self.pos_embed
-        for layer, mod in zip(self.layers, mods):
-            h = layer(h, mod)
-        out = self.head(h, out_mod)
-        out = F.pad(out[:, :-1], (0, 0, 1, 0))  # shift by one: token 0 gets mu = alpha = 0
-        return out.to(_affine_dtype(x)).chunk(2, dim=-1)
-
-    def forward(self, x, y):
-        """x^{k+1} = (x^k - mu) * exp(-alpha) (eq. 3); returns it and log|det| = -sum alpha per example."""
-        x = self.permute(x)
-        mu, alpha = self.params(x, *self.conditioning(y))
-        z = (x.to(mu.dtype) - mu) * torch.exp(-alpha)
-        return self.permute(z, inverse=True), -alpha.sum(dim=(1, 2))
-
-    def step(self, x_t, t, mods, out_mod, caches):
-        """One sampling step: token t (B, 1, d) -> (mu, alpha) of token t + 1, each (B, d)."""
-        h = self.proj_in(x_t.to(self.proj_in.weight.dtype)) + self.pos_embed[t]
-        for layer, mod, cache in zip(self.layers, mods, caches):
-            h = layer.step(h, mod, cache, t)
-        return self.head(h, out_mod)[:, 0].to(x_t.dtype).chunk(2, dim=-1)
-
-    def reverse(self, z, y, caches, guidance):
-        """Invert this block token by token (eq. 3). z: (B, N, d); y: (B,) or (2B,) = [cond; null] for CFG."""
-        B, N, _ = z.shape
-        G = y.shape[0] // B  # 2 when guiding
-        z = self.permute(z)
-        mods, out_mod = self.conditioning(y)
-        x = z.new_empty(G, B, *z.shape[1:])
-        x[:, :, 0] = z[:, 0]
-        x_flat = x.view(G * B, *z.shape[1:])
-        for t in range(N - 1):
-            mu, alpha = self.step(x_flat[:, t:t + 1], t, mods, out_mod, caches)
-            if G == 2:
-                mu, sigma = guided_gaussian(mu[:B], alpha[:B], mu[B:], alpha[B:], guidance)
-            else:
-                sigma = torch.exp(alpha)
-            x[:, :, t + 1] = torch.addcmul(mu, z[:, t + 1], sigma)  # same token for both CFG halves
-        return self.permute(x[0], inverse=True)
+    def step(self, h, mod, cache, i):
+        """forward() for token i alone (B, 1, C), its key and value written into cache."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        attn_in = modulate(self.norm1(h), shift_msa, scale_msa)
+        h = h + gate_msa * self.attn.step(attn_in, cache, i)
+        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
 
 def guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w):
-    """STARFlow's guided Gaussian, per element, with sigma = exp(alpha):
-    s = min(sigma_c/sigma_u, 1)^2, sigma = sigma_c / sqrt(1 + w - w s), mu = ((1+w) mu_c - w s mu_u) / (1 + w - w s)."""
+    """STARFlow's guided Gaussian per element, sigma = exp(alpha): s = min(sigma_c / sigma_u, 1)^2,
+    sigma = sigma_c / sqrt(1 + w - w s), mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)."""
     s = torch.exp(2 * (alpha_c - alpha_u).clamp(max=0))
     denom = 1 + w - w * s  # >= 1 since s <= 1
-    return ((1 + w) * mu_c - w * s * mu_u) / denom, torch.exp(alpha_c) * denom.rsqrt()
+    mu = ((1 + w) * mu_c - w * s * mu_u) / denom
+    sigma = torch.exp(alpha_c) * denom.rsqrt()
+    return mu, sigma
 
 
-def _affine_dtype(x):
+def affine_dtype(x):
     """The affine arithmetic runs in float32 at least (float64 stays float64)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-class TARFlow(nn.Module):
-    """K = len(depths) autoregressive affine blocks over (B, num_tokens, in_channels) tokens (eq. 2, 3)."""
+class FlowBlock(nn.Module):
+    """One autoregressive affine block f_k (eq. 3); step i reads token perm[i]."""
 
-    def __init__(self, in_channels, num_tokens, channels, depths, head_dim=64, num_classes=0, mlp_ratio=4.0,
-                 permutations=None):
+    def __init__(self, in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio,
+                 perm):
+        super().__init__()
+        natural = list(range(num_tokens))
+        inverse = sorted(natural, key=perm.__getitem__)
+        self.order = 'gather'
+        if perm == natural:
+            self.order = 'identity'
+        if perm == natural[::-1]:
+            self.order = 'reversed'
+        # The permutation is data (the flow's config), not state: the buffers are not saved.
+        self.register_buffer('perm', torch.tensor(perm), persistent=False)
+        self.register_buffer('inv_perm', torch.tensor(inverse), persistent=False)
+        self.proj_in = nn.Linear(in_channels, channels)
+        self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)  # by reading step
+        self.class_embed = nn.Embedding(num_classes + 1, channels)  # the last row: null label
+        self.layers = nn.ModuleList([Layer(channels, head_dim, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
+        self.ada_out = nn.Linear(channels, 2 * channels)
+        self.proj_out = nn.Linear(channels, 2 * in_channels)  # zero-initialised: mu = alpha = 0
+        self.checkpointing = False  # train_flow.py --checkpoint-activations: recompute in backward
+
+    def permute(self, y, inverse=False):
+        """Natural token order -> this block's reading order (inverse=True: back)."""
+        if self.order == 'identity':
+            return y
+        if self.order == 'reversed':
+            return y.flip(1)
+        return y.index_select(1, self.inv_perm if inverse else self.perm)
+
+    def conditioning(self, labels):
+        """The adaLN modulations of every layer and of the output for labels (B,): computed once."""
+        c = F.silu(self.class_embed(labels))
+        layer_mods = [layer.modulation(c) for layer in self.layers]
+        out_shift, out_scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
+        return layer_mods, (out_shift, out_scale)
+
+    def head(self, h, out_mod):
+        """The last hidden states (B, n, C) -> [mu, alpha] for the next token (B, n, 2d)."""
+        out_shift, out_scale = out_mod
+        return self.proj_out(modulate(self.norm(h), out_shift, out_scale))
+
+    def params(self, y, layer_mods, out_mod):
+        """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees y_{<i}."""
+        h = self.proj_in(y.to(self.proj_in.weight.dtype)) + self.pos_embed
+        for layer, mod in zip(self.layers, layer_mods):
+            if self.checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, mod, use_reentrant=False)
+            else:
+                h = layer(h, mod)
+        out = self.head(h, out_mod)
+        out = F.pad(out[:, :-1], (0, 0, 1, 0))  # shift by one: token 0 gets mu = alpha = 0
+        mu, alpha = out.to(affine_dtype(y)).chunk(2, dim=-1)
+        return mu, alpha
+
+    def forward(self, y, labels):
+        """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and log|det| = -sum alpha."""
+        y = self.permute(y)
+        mu, alpha = self.params(y, *self.conditioning(labels))
+        y_next = (y.to(mu.dtype) - mu) * torch.exp(-alpha)
+        return self.permute(y_next, inverse=True), -alpha.sum(dim=(1, 2))
+
+    def step(self, token, i, layer_mods, out_mod, caches):
+        """Token i (B, 1, d) of y^k -> (mu, alpha) of token i + 1, each (B, d)."""
+        h = self.proj_in(token.to(self.proj_in.weight.dtype)) + self.pos_embed[i]
+        for layer, mod, cache in zip(self.layers, layer_mods, caches):
+            h = layer.step(h, mod, cache, i)
+        out = self.head(h, out_mod)[:, 0].to(token.dtype)
+        mu, alpha = out.chunk(2, dim=-1)
+        return mu, alpha
+
+    def reverse(self, y_next, labels, caches, guidance=0.0):
+        """Eq. 3 inverse, token by token: y^k from y^{k+1} (B, N, d).
+
+        Unguided, labels are (B,). Guided (guidance > 0), labels are [cond; null] (2B,): each step
+        runs both halves as one batch, combines their Gaussians (guided_gaussian), and both
+        halves read the same guided token at the next step.
+        """
+        guided = guidance > 0
+        y_next = self.permute(y_next)
+        layer_mods, out_mod = self.conditioning(labels)
+        y = torch.empty_like(y_next)
+        y[:, 0] = y_next[:, 0]  # the first token read: mu = 0, alpha = 0
+        for i in range(y.shape[1] - 1):
+            token = y[:, i:i + 1]
+            if guided:
+                token = torch.cat([token, token])  # the same token for the cond and null halves
+            mu, alpha = self.step(token, i, layer_mods, out_mod, caches)
+            if guided:
+                mu_c, mu_u = mu.chunk(2)
+                alpha_c, alpha_u = alpha.chunk(2)
+                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, guidance)
+            else:
+                sigma = torch.exp(alpha)
+            y[:, i + 1] = torch.addcmul(mu, y_next[:, i + 1], sigma)  # eq. 3: y^{k+1} sigma + mu
+        return self.permute(y, inverse=True)
+
+
+class TARFlow(nn.Module):
+    """K = len(depths) autoregressive affine blocks over tokens (B, num_tokens, in_channels)."""
+
+    def __init__(self, in_channels, num_tokens, channels, depths, head_dim=64, num_classes=0,
+                 mlp_ratio=4.0, permutations=None):
         super().__init__()
         depths = list(depths)
-        if in_channels <= 0 or num_tokens <= 0 or channels <= 0 or head_dim <= 0:
-            raise ValueError(f"TARFlow: in_channels, num_tokens, channels, head_dim must be positive, got "
-                             f"{in_channels}, {num_tokens}, {channels}, {head_dim}")
-        if channels % head_dim:
-            raise ValueError(f"TARFlow: channels={channels} is not a multiple of head_dim={head_dim}")
-        if not depths or any(int(n) != n or n < 1 for n in depths):
-            raise ValueError(f"TARFlow: depths must be a non-empty list of positive layer counts, got {depths}")
-        if num_classes < 0:
-            raise ValueError(f"TARFlow: num_classes must be >= 0, got {num_classes}")
+        check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes)
         natural = list(range(num_tokens))
         if permutations is None:  # the default orders: identity, reversed, identity, ...
             permutations = [natural[::-1] if k % 2 else natural for k in range(len(depths))]
-        perms = [list(p) for p in permutations if isinstance(p, (list, tuple)) and all(type(i) is int for i in p)]
-        if not len(perms) == len(permutations) == len(depths) or any(sorted(p) != natural for p in perms):
-            raise ValueError(f"TARFlow: permutations must be None or {len(depths)} lists of ints (one per block), "
-                             f"each a permutation of range({num_tokens})")
-        self.in_channels, self.num_tokens, self.channels = in_channels, num_tokens, channels
-        self.depths, self.head_dim, self.num_classes, self.mlp_ratio = depths, head_dim, num_classes, mlp_ratio
-        self.null_label, self.permutations = num_classes, perms
-        self.blocks = nn.ModuleList([
-            FlowBlock(in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio, perm)
-            for depth, perm in zip(depths, perms)])
-        self.apply(self._init_weights)
-        for block in self.blocks:  # adaLN-Zero and a zero output: a new flow is the identity
-            for m in [block.ada_out, block.proj_out] + [layer.ada for layer in block.layers]:
+        perms = check_permutations(permutations, len(depths), num_tokens)
+        self.in_channels = in_channels
+        self.num_tokens = num_tokens
+        self.channels = channels
+        self.depths = depths
+        self.head_dim = head_dim
+        self.num_classes = num_classes
+        self.mlp_ratio = mlp_ratio
+        self.permutations = perms
+        self.null_label = num_classes
+        blocks = []
+        for depth, perm in zip(depths, perms):
+            blocks.append(FlowBlock(in_channels, num_tokens, channels, depth=depth,
+                                    head_dim=head_dim, num_classes=num_classes,
+                                    mlp_ratio=mlp_ratio, perm=perm))
+        self.blocks = nn.ModuleList(blocks)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Xavier linears, N(0, 0.02) class embeddings; adaLN-Zero and a zero output layer, so a new
+        flow is the identity."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            zero = [block.ada_out, block.proj_out] + [layer.ada for layer in block.layers]
+            for m in zero:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-
     def config(self):
-        """The constructor arguments, as stored in flow checkpoints (`flow_config`)."""
-        return dict(in_channels=self.in_channels, num_tokens=self.num_tokens, channels=self.channels,
-                    depths=list(self.depths), head_dim=self.head_dim, num_classes=self.num_classes,
-                    mlp_ratio=self.mlp_ratio, permutations=[list(p) for p in self.permutations])
+        """The constructor arguments, as flow checkpoints store them (`flow_config`)."""
+        return dict(in_channels=self.in_channels, num_tokens=self.num_tokens,
+                    channels=self.channels, depths=list(self.depths), head_dim=self.head_dim,
+                    num_classes=self.num_classes, mlp_ratio=self.mlp_ratio,
+                    permutations=[list(p) for p in self.permutations])
 
-    def _check(self, x, name):
-        shape = (self.num_tokens, self.in_channels)
-        if not torch.is_tensor(x) or x.dim() != 3 or tuple(x.shape[1:]) != shape or not x.is_floating_point():
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"TARFlow.{name}: expected float tokens of shape (B, {shape[0]}, {shape[1]}), got {got}")
-
-    def _labels(self, y, B, device, name):
-        """Class labels (B,) in [0, num_classes]; None means the null label num_classes."""
-        if y is None:
-            return torch.full((B,), self.null_label, dtype=torch.long, device=device)
-        if not torch.is_tensor(y) or y.shape != (B,) or y.dtype not in (torch.int32, torch.int64):
-            got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"TARFlow.{name}: expected integer labels y of shape ({B},), got {got}")
-        # Range check on CPU labels only: on an accelerator it would cost a host sync every step.
-        if B and y.device.type == 'cpu' and not torch.compiler.is_compiling() and (
-                int(y.min()) < 0 or int(y.max()) > self.null_label):
-            raise ValueError(f"TARFlow.{name}: labels must lie in [0, {self.null_label}] "
-                             f"({self.null_label} = null label), got [{int(y.min())}, {int(y.max())}]")
-        return y.to(device=device, dtype=torch.long)
-
-    def forward(self, x, y=None):
-        """Data -> prior: returns z = f(x) (B, N, d) and log|det df/dx| (B,) summed over all elements and blocks."""
-        self._check(x, 'forward')
-        y = self._labels(y, x.shape[0], x.device, 'forward')
+    def forward(self, z_c, labels=None):
+        """Data -> prior: u = f(z_c) (B, N, d) and log|det df/dz_c| (B,), summed over all blocks."""
+        self.check_tokens(z_c, 'forward')
+        labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'forward')
+        y = z_c
         logdet = 0
         for block in self.blocks:
-            x, ld = block(x, y)
-            logdet = logdet + ld
-        return x, logdet
+            y, block_logdet = block(y, labels)
+            logdet = logdet + block_logdet
+        return y, logdet
 
-    def log_prob(self, x, y=None):
-        """Exact log p(x) in nats (eq. 2): log N(f(x); 0, I) + log|det df/dx|, per example (B,)."""
-        z, logdet = self(x, y)
-        return -0.5 * z.pow(2).sum(dim=(1, 2)) - 0.5 * z.shape[1:].numel() * math.log(2 * math.pi) + logdet
+    def log_prob(self, z_c, labels=None):
+        """Eq. 2: the exact log p(z_c | labels) in nats per example (B,), Gaussian constant included."""
+        u, logdet = self(z_c, labels)
+        dims = u.shape[1] * u.shape[2]
+        return -0.5 * u.pow(2).sum(dim=(1, 2)) - dims * HALF_LOG_2PI + logdet
 
     @torch.no_grad()
-    def reverse(self, z, y=None, guidance=0.0, guide_blocks='all'):
-        """Prior -> data: x = f^{-1}(z) (B, N, d) in the affine dtype, token by token with KV caches; CFG (STARFlow
-        rule) when guidance > 0. y: labels (B,) or None (null label). guide_blocks: 'all' guides every block,
-        'deep' only the deep block (run first); the shallow blocks then run on y alone with w = 0."""
-        self._check(z, 'reverse')
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
-        if guide_blocks not in ('all', 'deep'):
-            raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', got {guide_blocks!r}")
-        B, N, _ = z.shape
-        y = self._labels(y, B, z.device, 'reverse')
-        labels = torch.cat([y, torch.full_like(y, self.null_label)]) if guidance > 0 else y  # one batch: [cond; null]
-        heads = self.channels // self.head_dim
-        caches = [torch.empty(labels.shape[0], 2, heads, N, self.head_dim, dtype=self._compute_dtype(z.device),
-                              device=z.device) for _ in range(max(self.depths))]  # reused by every block
-        x = z.to(_affine_dtype(z))
-        for k, block in enumerate(reversed(self.blocks)):
-            if k == 1 and guide_blocks == 'deep':  # shallow blocks: conditional half only, batch B
-                labels, guidance, caches = y, 0.0, [cache[:B] for cache in caches]
-            x = block.reverse(x, labels, caches, float(guidance))
-        return x
+    def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all'):
+        """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, token by token with KV caches.
 
-    def score_step(self, x, y, gamma):
-        """SimFlow's score step (SimFlow eq. 6) on samples x from `reverse`, by autograd of the exact log_prob:
-        x + gamma * (grad_x log p(x|y) - grad_x log p(x|null)). Works under no_grad / inference mode; the result
-        is detached, in the affine dtype."""
-        self._check(x, 'score_step')
+        guidance w > 0: classifier-free guidance (STARFlow's rule) in every block (guide_blocks='all')
+        or in the deep block only ('deep'; the shallow blocks then run on the labels with w = 0).
+        labels (B,) or None (the null label).
+        """
+        self.check_tokens(u, 'reverse')
+        check_guidance(guidance, guide_blocks)
+        B = u.shape[0]
+        labels = self.check_labels(labels, B, u.device, 'reverse')
+        guided = guidance > 0
+        null = torch.full_like(labels, self.null_label)
+        batch_labels = torch.cat([labels, null]) if guided else labels  # [cond; null] when guided
+        caches = self.new_caches(len(batch_labels), u.device)  # reused by every block
+        deep_block = self.blocks[-1]  # the last block of f, the first one inverted
+        y = deep_block.reverse(u.to(affine_dtype(u)), batch_labels, caches, guidance)
+        if guide_blocks == 'deep' and guided:  # the shallow blocks: conditional half only, w = 0
+            batch_labels = labels
+            guidance = 0.0
+            caches = [cache[:B] for cache in caches]
+        for block in reversed(self.blocks[:-1]):
+            y = block.reverse(y, batch_labels, caches, guidance)
+        return y
+
+    def new_caches(self, batch, device):
+        """One (batch, 2, heads, N, head_dim) key/value cache per layer of the deepest block."""
+        heads = self.channels // self.head_dim
+        shape = (batch, 2, heads, self.num_tokens, self.head_dim)
+        dtype = self.compute_dtype(device)
+        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(max(self.depths))]
+
+    def score_step(self, z_c, labels, gamma):
+        """SimFlow's score step (SimFlow eq. 6) on samples z_c from `reverse`, with exact gradients:
+        z_c + gamma * (grad log p(z_c | labels) - grad log p(z_c | null)). Works under no_grad and
+        inference mode; the result is detached, in the affine dtype."""
+        self.check_tokens(z_c, 'score_step')
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
             raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")
-        y = self._labels(y, x.shape[0], x.device, 'score_step')
+        labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'score_step')
+        null = torch.full_like(labels, self.null_label)
         with torch.inference_mode(False), torch.enable_grad():
-            xx = x.detach().repeat(2, 1, 1).requires_grad_(True)  # one batch [x; x] with labels [y; null]
-            log_p = self.log_prob(xx, torch.cat([y, torch.full_like(y, self.null_label)]))
-            grad_c, grad_u = torch.autograd.grad(log_p.sum(), xx)[0].chunk(2)  # examples are independent
-        return (x.to(grad_c.dtype) + gamma * (grad_c - grad_u)).detach()
+            both = z_c.detach().repeat(2, 1, 1).requires_grad_(True)  # [z_c; z_c], labels [c; null]
+            log_p = self.log_prob(both, torch.cat([labels, null]))
+            grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
+        grad_c, grad_u = grad.chunk(2)
+        return (z_c.to(grad_c.dtype) + gamma * (grad_c - grad_u)).detach()
 
-    def _compute_dtype(self, device):
-        """The dtype the Transformer's keys and values come out in (autocast dtype if enabled)."""
+    def compute_dtype(self, device):
+        """The dtype of the Transformer's keys and values: the autocast dtype if enabled."""
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
         return self.blocks[0].proj_in.weight.dtype
+
+    def check_tokens(self, x, name):
+        """One-line error unless x is float tokens (B, num_tokens, in_channels)."""
+        shape = (self.num_tokens, self.in_channels)
+        ok = torch.is_tensor(x) and x.dim() == 3 and tuple(x.shape[1:]) == shape
+        if not (ok and x.is_floating_point()):
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"TARFlow.{name}: expected float tokens of shape "
+                             f"(B, {shape[0]}, {shape[1]}), got {got}")
+
+    def check_labels(self, labels, B, device, name):
+        """Class labels (B,) in [0, num_classes] as int64; None means the null label."""
+        if labels is None:
+            return torch.full((B,), self.null_label, dtype=torch.long, device=device)
+        integer = torch.is_tensor(labels) and labels.dtype in (torch.int32, torch.int64)
+        if not integer or labels.shape != (B,):
+            got = type(labels).__name__
+            if torch.is_tensor(labels):
+                got = f"{tuple(labels.shape)} {labels.dtype}"
+            raise ValueError(f"TARFlow.{name}: expected integer labels of shape ({B},), got {got}")
+        # Range check on CPU labels only: on an accelerator it would cost a host sync every step.
+        on_cpu = labels.device.type == 'cpu' and not torch.compiler.is_compiling()
+        if B and on_cpu and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
+            raise ValueError(f"TARFlow.{name}: labels must lie in [0, {self.null_label}] "
+                             f"({self.null_label} = null label), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        return labels.to(device=device, dtype=torch.long)
+
+
+def check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes):
+    """One-line errors for a TARFlow that cannot be built."""
+    if min(in_channels, num_tokens, channels, head_dim) <= 0:
+        raise ValueError(f"TARFlow: in_channels, num_tokens, channels, head_dim must be positive, "
+                         f"got {in_channels}, {num_tokens}, {channels}, {head_dim}")
+    if channels % head_dim:
+        raise ValueError(f"TARFlow: channels={channels} is not a multiple of head_dim={head_dim}")
+    if not depths or any(int(n) != n or n < 1 for n in depths):
+        raise ValueError(f"TARFlow: depths must be a non-empty list of positive layer counts, "
+                         f"got {depths}")
+    if num_classes < 0:
+        raise ValueError(f"TARFlow: num_classes must be >= 0, got {num_classes}")
+
+
+def check_permutations(permutations, num_blocks, num_tokens):
+    """The block orders as lists of ints, one permutation of range(num_tokens) per block."""
+    natural = list(range(num_tokens))
+    perms = []
+    for p in permutations:
+        if isinstance(p, (list, tuple)) and all(type(i) is int for i in p):
+            perms.append(list(p))
+    ok = len(perms) == len(permutations) == num_blocks
+    if not ok or any(sorted(p) != natural for p in perms):
+        raise ValueError(f"TARFlow: permutations must be None or {num_blocks} lists of ints (one "
+                         f"per block), each a permutation of range({num_tokens})")
+    return perms
+
+
+def check_guidance(guidance, guide_blocks):
+    finite = isinstance(guidance, (int, float)) and math.isfinite(guidance)
+    if not (finite and guidance >= 0):
+        raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
+    if guide_blocks not in ('all', 'deep'):
+        raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', "
+                         f"got {guide_blocks!r}")
+
+
+# ---- The training loss and the likelihood in bits
+
+def nll_per_dim(u, logdet):
+    """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
+    -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
+    dims = u.shape[1] * u.shape[2]
+    return (0.5 * u.pow(2).sum(dim=(1, 2)) - logdet) / dims
+
+
+def bits_per_dim(nll):
+    """nll_per_dim (nats, eq. 9 / (N d)) -> -log2 p(z_c) / (N d): the Gaussian constant added."""
+    return (nll + HALF_LOG_2PI) / math.log(2)
+
+
+# ---- Checkpoints
+
+def load_flow(path, device="cpu", ema=True):
+    """(flow, record) of a train_flow.py checkpoint: the flow rebuilt from its stored kind and
+    config (EMA weights by default), in eval mode without gradients; record is the checkpoint
+    without its weights, optimizer and RNG states."""
+    ckpt = load_checkpoint(path, "flow")
+    if ckpt.get("flow_kind") != TARFlow.__name__:
+        raise UserError(f"{path}: flow kind {ckpt.get('flow_kind')!r}; this code builds "
+                        f"{TARFlow.__name__}")
+    flow = TARFlow(**ckpt["flow_config"])
+    flow.load_state_dict(ckpt["flow_ema" if ema else "flow"])
+    for key in ("flow", "flow_ema", "optimizer", "rng"):
+        ckpt.pop(key, None)
+    flow = flow.to(device).eval().requires_grad_(False)
+    return flow, ckpt

@@ -1,27 +1,30 @@
-"""Stage 1 of SRC-Flow: train the Semantic Representation Compressor with a frozen RAE (paper §3.4, §4.1).
+"""Stage 1 of SRC-Flow: train the Semantic Representation Compressor with a frozen RAE (§3.4).
 
-E and D stay frozen; the compressor C = (C_enc, C_dec) learns the reconstruction path of eq. 7 with
-RAE-style per-example noise on the raw encoder output,
+    python train_src.py --data /data/imagenet/train --out runs/src \\
+        --encoder dinov2_vitb14_reg4_pretrain.pth --decoder ViTXL_n08/model.pt \\
+        --lpips-vgg vgg16-397923af.pth --lpips-lin vgg.pth \\
+        --disc-encoder dino_deitsmall8_pretrain.pth
+    torchrun --nproc_per_node=8 train_src.py ...      # the same arguments on 8 GPUs
+    python train_src.py ... --resume                  # continue runs/src/checkpoint.pt exactly
 
-    x^ = D(denorm(C_dec(C_enc(norm(E(x) + eps))))),   eps ~ N(0, sigma^2 I),  sigma ~ U(0, 0.8),
+E and D stay frozen; the compressor C = (C_enc, C_dec) learns the reconstruction path of eq. 7
+with RAE's per-example noise on the raw encoder output,
 
-under the RAE decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's adaptive weight,
-on from epoch 8 with discriminator updates from epoch 6. AdamW 2e-4, betas (0.9, 0.95), 1 warm-up epoch then
-cosine to 2e-5, 16 epochs, EMA of C. Whenever the run stops (at the end or at --max-steps) the compact
-statistics norm2 of eq. 5 are computed with the EMA C and stored: the checkpoint is all stage 2 needs.
+    x^ = D(denorm(C_dec(C_enc(norm(E(x) + eps))))),  eps ~ N(0, sigma^2 I), sigma ~ U(0, 0.8),
 
-    python train_src.py --data /data/imagenet/train --out runs/src --encoder dinov2_vitb14_reg4_pretrain.pth \\
-        --decoder ViTXL_n08/model.pt --lpips-vgg vgg16-397923af.pth \\
-        --lpips-lin lpips_v0.1_vgg.pth --disc-encoder dino_deitsmall8_pretrain.pth
-    torchrun --nproc_per_node=8 train_src.py ...          # same arguments, 8 GPUs (global batch 256)
-    python train_src.py ... --resume                       # continue runs/src/checkpoint.pt exactly
+under the RAE decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's
+adaptive weight, on from epoch 8, the discriminator updated from epoch 6. AdamW 2e-4, betas
+(0.9, 0.95), one warm-up epoch then cosine to 2e-5, 16 epochs, an EMA of C. Whenever the run
+stops (at its end or at --max-steps) the compact statistics norm2 of eq. 5 are measured with the
+EMA C and stored: the checkpoint is all stage 2 needs.
 
---compressor (Table 5): src (the paper), linear, pca (fitted to the normalised RAE tokens, frozen) or identity
-(d = n); with nothing to train only the statistics are computed. --train-decoder builds D from --decoder-* and
-trains it with C (toy runs; data or resolutions without a released D). Randomness (flip, sigma, eps,
-augmentation) is drawn per global example from a generator seeded by (seed, step) and the adaptive weight uses
-rank-averaged gradients: N processes follow one process's trajectory. Outputs in --out: checkpoint.pt,
-log.jsonl, recon/*.png (inputs above EMA reconstructions).
+--compressor (Table 5): src (the paper), linear, pca (fitted to the normalized RAE tokens) or
+identity (d = n); with nothing to train only the statistics are computed. --train-decoder
+builds D from --decoder-* and trains it with C (toy runs; data without a released D). A step's
+randomness (flips, sigma, eps, augmentation) is drawn for the global batch from a generator
+seeded by (seed, step), and the adaptive weight uses rank-averaged gradients: N processes follow
+one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (inputs above
+the EMA's reconstructions).
 """
 
 import argparse
@@ -35,39 +38,187 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import losses
 from common import UserError
-from rae import RAE, RAEDecoder, fingerprint, load_dinov2, load_rae_decoder
-from src import COMPRESSORS
+from rae import RAE, STATS_EPS, RAEDecoder, fingerprint, load_dinov2, load_rae_decoder
+from src import COMPRESSORS, Stage1
 
-RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor", "src_dim", "src_depth",
-               "batch_size", "epochs", "seed", "noise_max", "disc")
+RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor",
+               "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
+GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
+DIFFAUG_PARAMS = 5  # uniforms per image: translation (2), brightness, saturation, contrast
 
 
 def build_decoder(args, encoder):
-    """D: built from --decoder-* to be trained (--train-decoder, RAE's patch 16), or the released one, frozen,
-    whose patch size and token count come from its file."""
+    """D: built from --decoder-* to be trained (--train-decoder, RAE's patch 16), or the released
+    one, frozen, whose patch size and token count come from its file."""
     if args.train_decoder:
-        return RAEDecoder(in_dim=encoder.embed_dim, hidden=args.decoder_width, depth=args.decoder_depth,
-                          num_heads=args.decoder_heads or 16, mlp_dim=args.decoder_mlp, patch_size=16,
+        return RAEDecoder(in_dim=encoder.embed_dim, hidden=args.decoder_width,
+                          depth=args.decoder_depth, num_heads=args.decoder_heads or 16,
+                          mlp_dim=args.decoder_mlp, patch_size=16,
                           num_patches=(args.image_size // 16) ** 2)
     decoder = load_rae_decoder(args.decoder, num_heads=args.decoder_heads)
-    if decoder.num_patches * decoder.patch_size ** 2 != args.image_size ** 2:
-        raise UserError(f"--decoder {args.decoder}: decodes {decoder.num_patches} patches of {decoder.patch_size} px, "
-                        f"not {args.image_size} x {args.image_size} images (--image-size)")
+    pixels = decoder.num_patches * decoder.patch_size ** 2
+    if pixels != args.image_size ** 2:
+        raise UserError(f"--decoder {args.decoder}: decodes {decoder.num_patches} patches of "
+                        f"{decoder.patch_size} px, not {args.image_size} px images (--image-size)")
     return decoder
 
 
 def build_compressor(args, n):
     """C (eq. 4) of --compressor for RAE tokens of width n (identity: d = n)."""
-    sizes = dict(src=dict(d=args.src_dim, depth=args.src_depth), identity={})
-    return COMPRESSORS[args.compressor](n=n, **sizes.get(args.compressor, dict(d=args.src_dim)))
+    if args.compressor == "src":
+        return COMPRESSORS["src"](n=n, d=args.src_dim, depth=args.src_depth)
+    if args.compressor == "identity":
+        return COMPRESSORS["identity"](n=n)
+    return COMPRESSORS[args.compressor](n=n, d=args.src_dim)
+
+
+def build_losses(args, device):
+    """LPIPS and the discriminator (None where their weight is 0), their weight files read now."""
+    lpips = None
+    disc = None
+    if args.perceptual_weight > 0:
+        lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
+    if args.disc_weight > 0 and args.disc == "dino":
+        backbone = losses.load_dino_backbone(args.disc_encoder)
+        disc = losses.DINODiscriminator(backbone).to(device)
+    elif args.disc_weight > 0:
+        disc = losses.PatchDiscriminator(args.disc_width).to(device)
+    return lpips, disc
 
 
 def image_batches(dataset, limit, rank, world, batch_size, num_workers, device):
-    """This rank's share of the first `limit` (0: all) training images in [0, 1], without flips."""
-    part = torch.utils.data.Subset(dataset, range(rank, min(limit or len(dataset), len(dataset)), world))
-    for images, _ in torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers):
+    """This rank's share of the first `limit` (0: all) training images in [0, 1], unflipped."""
+    end = min(limit or len(dataset), len(dataset))
+    part = torch.utils.data.Subset(dataset, range(rank, end, world))
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers)
+    for images, _ in loader:
         yield common.to_unit(images, device)
+
+
+def adamw(params, args, device):
+    """RAE's optimiser for C (and D) and for the discriminator."""
+    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                             fused=device.type == "cuda")
+
+
+def fingerprints(args, encoder, decoder):
+    """The fingerprints of E and of a released D: stage 2 refuses other weights of their shape."""
+    decoder_print = None if args.train_decoder else fingerprint(decoder)
+    return dict(encoder=fingerprint(encoder), decoder=decoder_print)
+
+
+def ema_copies(args, rae, C, rae_stats, device):
+    """The EMA copies of C and (with --train-decoder) D, and the Stage1 that holds them."""
+    C_ema = copy.deepcopy(C).requires_grad_(False).eval()
+    D_ema = rae.decoder
+    if args.train_decoder:
+        D_ema = copy.deepcopy(rae.decoder).requires_grad_(False).eval()
+    rae_ema = RAE(rae.encoder, D_ema, image_size=args.image_size)
+    rae_ema.set_stats(rae_stats["mean"], rae_stats["var"])
+    return C_ema, D_ema, Stage1(rae_ema, C_ema).to(device)
+
+
+def wrap_ddp(module, world, device):
+    """DDP for more than one process. The statistics are equal on every rank: buffers not synced."""
+    if world == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(module, device_ids=ids, forward_sync_buffers=False)
+
+
+def step_randomness(args, step, raw_shape, rank, world, device):
+    """A step's flips, eq. 7's eps and three DiffAug draws (the generator's, the fake and the real
+    images'), drawn for the global batch from (seed, step): the same on every rank."""
+    B = args.batch_size
+    gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
+    flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
+    eps = common.encoder_noise(gen, global_batch=B, shape=raw_shape, rank=rank, world=world,
+                               device=device, sigma=args.noise_max, per_example=True)
+    aug = [common.global_rand(gen, B, (DIFFAUG_PARAMS,), rank, world, device) for _ in range(3)]
+    return flip, eps, aug
+
+
+def train_discriminator(disc, params, on):
+    """Switch the discriminator's trainable parameters (not its frozen backbone) and its mode."""
+    for p in params:
+        p.requires_grad_(on)
+    if disc is not None:
+        disc.train(on)
+
+
+def measure_norm2(stage1_ema, batches, device):
+    """Eq. 5's norm2: the channel mean and variance of C_enc(norm(E(x))) with the EMA C, and the
+    eps its standardisation adds to the variance (as eq. 1's)."""
+    mean2, var2 = common.channel_stats(batches, stage1_ema.encode, device)
+    return dict(mean=mean2.cpu(), var=var2.cpu(), eps=STATS_EPS)
+
+
+def gan_plan(args, disc_start, gan_start, stop):
+    """The start-up line that says when the GAN starts (its flags count epochs, not steps)."""
+    late = " (after this run's last step: no GAN in this run)" if gan_start >= stop else ""
+    return (f"GAN: the discriminator trains from step {disc_start} (--disc-upd-start "
+            f"{args.disc_upd_start} epochs), the adversarial loss trains C from step {gan_start} "
+            f"(--disc-start {args.disc_start} epochs){late}")
+
+
+def set_statistics(args, rae, C, resume, batches, device, say):
+    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
+    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
+    if resume is not None:
+        rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
+    elif args.rae_stats:
+        rae.load_stats(args.rae_stats)
+    else:
+        say("computing the RAE statistics (eq. 1) over the training images (--rae-stats: skip)")
+        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
+    if C.kind == "pca" and resume is None:
+        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
+        say(f"fitted PCA to the normalized RAE tokens: {C.d} of {C.n} dimensions explain "
+            f"{C.explained:.2%}")
+    return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
+
+
+def discriminator_step(disc, disc_net, disc_opt, model, z_raw, x, real_aug, fake_aug, autocast):
+    """Hinge loss on a fresh reconstruction of the clean tokens, 8-bit like a saved image, and on
+    the real images, each with its own DiffAug draw. Returns the loss (detached)."""
+    with torch.no_grad(), autocast():
+        fake = model(z_raw).float().clamp(0, 1)
+        fake = torch.round(fake * 255) / 127.5 - 1  # 8-bit, in [-1, 1]
+    with autocast():
+        logits_real = disc_net(losses.diff_augment(x * 2 - 1, real_aug))
+        logits_fake = disc_net(losses.diff_augment(fake, fake_aug))
+        d_loss = losses.hinge_d_loss(logits_real, logits_fake)
+    disc_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    disc_opt.step()
+    return d_loss.detach()
+
+
+def checkpoint_record(args, step, world, steps_per_epoch, parts):
+    """What checkpoint.pt holds: what E, D and C were built from (kind, path, config, the
+    weights' fingerprint), their weights, the statistics of eq. 1 and 5, the optimisers and RNG.
+    `parts` holds the run's modules, optimisers and statistics by name."""
+    trained_d = args.train_decoder
+    prints = parts["fingerprints"]
+    encoder = dict(kind="dinov2", path=os.path.abspath(args.encoder),
+                   config=parts["encoder"].config(), fingerprint=prints["encoder"])
+    decoder = dict(path=os.path.abspath(args.decoder) if args.decoder else None,
+                   config=parts["decoder"].config(), fingerprint=prints["decoder"],
+                   state=parts["decoder"].state_dict() if trained_d else None,
+                   state_ema=parts["D_ema"].state_dict() if trained_d else None)
+    C = parts["C"]
+    compressor = dict(kind=C.kind, config=C.config(), state=C.state_dict(),
+                      state_ema=parts["C_ema"].state_dict())
+    states = {}
+    for name in ("opt", "disc", "disc_opt"):
+        states[name] = parts[name].state_dict() if parts[name] is not None else None
+    return dict(stage="src", args=vars(args), step=step, epoch=step // steps_per_epoch,
+                image_size=args.image_size, num_classes=parts["num_classes"], encoder=encoder,
+                decoder=decoder, compressor=compressor, rae_stats=parts["rae_stats"],
+                norm2=parts["norm2"], optimizer=states["opt"], discriminator=states["disc"],
+                disc_optimizer=states["disc_opt"], rng=common.capture_rng(), world_size=world,
+                steps_per_epoch=steps_per_epoch)
 
 
 def main(args):
@@ -75,9 +226,16 @@ def main(args):
     check_args(args)
     rank, world, device = common.setup_ddp(args.device)
     master = rank == 0
-    say = print if master else lambda *a, **k: None  # messages from rank 0 only
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_bf16 = args.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def say(text):  # messages from rank 0 only
+        if master:
+            print(text)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = common.resume_checkpoint(args, ckpt_path, "src", RESUME_KEPT)
 
@@ -85,228 +243,217 @@ def main(args):
     dataset = common.training_set(args, args.image_size, rank, world)
     sampler = common.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = common.make_loader(dataset, sampler, args.num_workers)
-    spe, B = sampler.steps_per_epoch, args.batch_size
-    total_steps = args.epochs * spe
-    batches = lambda: image_batches(dataset, args.stats_images, rank, world, B // world, args.num_workers, device)
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    B = args.batch_size
 
-    # Create models: E and D (frozen unless --train-decoder), C, the statistics of eq. 1, the EMA copies
+    def batches():  # the first --stats-images training images, for the statistics
+        return image_batches(dataset, args.stats_images, rank, world, B // world, args.num_workers,
+                             device)
+
+    # Create E, D (frozen unless --train-decoder), C and the loss networks: every file read now
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     encoder = load_dinov2(args.encoder)
     decoder = build_decoder(args, encoder)
-    fingerprints = dict(encoder=fingerprint(encoder),  # stage 2 refuses other weights of this shape
-                        decoder=None if args.train_decoder else fingerprint(decoder))
     C = build_compressor(args, encoder.embed_dim).to(device)
-    trains = args.train_decoder or any(True for _ in C.parameters())  # pca and identity have nothing to train
-
-    # The loss networks, read before the long statistics pass so that a bad weight file is refused at once
-    lpips = disc = None
-    if trains and args.perceptual_weight > 0:
-        lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
-    if trains and args.disc_weight > 0:
-        disc = (losses.DINODiscriminator(losses.load_dino_backbone(args.disc_encoder)) if args.disc == "dino"
-                else losses.PatchDiscriminator(args.disc_width)).to(device)
+    trains = args.train_decoder or len(list(C.parameters())) > 0  # pca, identity: nothing to train
+    lpips, disc = build_losses(args, device) if trains else (None, None)
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
-    if resume is not None:
-        rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
-    elif args.rae_stats:
-        rae.load_stats(args.rae_stats)
-    else:
-        say("computing the RAE statistics (eq. 1) over the training images (pass --rae-stats to skip)")
-        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
-    if C.kind == "pca" and resume is None:
-        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
-        say(f"fitted PCA to the normalised RAE tokens: {C.d} of {C.n} dimensions explain {C.explained:.2%}")
-    rae_stats = dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
-    C_ema = copy.deepcopy(C).requires_grad_(False).eval()
-    D_ema = copy.deepcopy(decoder).requires_grad_(False).eval() if args.train_decoder else decoder
-    ema = common.Stage1(RAE(encoder, D_ema, image_size=args.image_size), C_ema).to(device)  # norm2: identity
-    ema.rae.set_stats(rae_stats["mean"], rae_stats["var"])
+
+    # The statistics of eq. 1 (and the PCA fit), then the EMA copies of C and D
+    rae_stats = set_statistics(args, rae, C, resume, batches, device, say)
+    C_ema, D_ema, stage1_ema = ema_copies(args, rae, C, rae_stats, device)
+
+    # The trained path (eq. 7), the optimisers; resume
     decoder.requires_grad_(args.train_decoder)
-    model = common.Stage1(rae, C).to(device)  # the eq. 7 path; norm2 stays the identity while training
+    model = Stage1(rae, C).to(device)  # its forward is eq. 7
     trainable = [p for p in model.parameters() if p.requires_grad]
-
-    # Create the optimisers (when there is something to train)
-    opt = disc_opt = None
-    adamw = lambda params: torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
-                                             fused=device.type == "cuda")
-    if trainable:
-        opt = adamw(trainable)
-    if disc is not None:
-        disc_opt = adamw(disc.parameters())
+    disc_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
+    opt = adamw(trainable, args, device) if trainable else None
+    disc_opt = adamw(disc_params, args, device) if disc is not None else None
     last_layer = decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
-
-    # Resume
     step = 0
     if resume is not None:
-        comp, dec = resume["compressor"], resume["decoder"]  # decoder states: None unless D was trained
-        for obj, saved in ((C, comp["state"]), (C_ema, comp["state_ema"]), (decoder, dec["state"]),
-                           (D_ema, dec["state_ema"]), (opt, resume["optimizer"]), (disc, resume["discriminator"]),
-                           (disc_opt, resume["disc_optimizer"])):
-            if obj is not None and saved is not None:
-                obj.load_state_dict(saved)
-        common.restore_rng(resume["rng"])
-        step = resume["step"]
-
-    def state(epoch):
-        return dict(stage="src", args=vars(args), step=step, epoch=epoch, image_size=args.image_size,
-                    num_classes=len(dataset.classes),
-                    encoder=dict(kind="dinov2", path=os.path.abspath(args.encoder), config=encoder.config(),
-                                 fingerprint=fingerprints["encoder"]),
-                    decoder=dict(path=os.path.abspath(args.decoder) if args.decoder else None, config=decoder.config(),
-                                 fingerprint=fingerprints["decoder"],
-                                 state=decoder.state_dict() if args.train_decoder else None,
-                                 state_ema=D_ema.state_dict() if args.train_decoder else None),
-                    compressor=dict(kind=C.kind, config=C.config(), state=C.state_dict(), state_ema=C_ema.state_dict()),
-                    rae_stats=rae_stats, norm2=norm2, optimizer=opt and opt.state_dict(),
-                    discriminator=disc and disc.state_dict(), disc_optimizer=disc_opt and disc_opt.state_dict(),
-                    rng=common.capture_rng(), world_size=world, steps_per_epoch=spe)
-
+        step = resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt)
+    parts = dict(encoder=encoder, decoder=decoder, C=C, C_ema=C_ema, D_ema=D_ema, opt=opt,
+                 disc=disc, disc_opt=disc_opt, rae_stats=rae_stats, norm2=None,
+                 fingerprints=fingerprints(args, encoder, decoder),
+                 num_classes=len(dataset.classes))
     os.makedirs(args.out, exist_ok=True)
-    say(f"compressor {C.kind} n={C.n} -> d={C.d}; trainable {sum(p.numel() for p in trainable) / 1e6:.2f}M "
-        f"({'C + D' if args.train_decoder else 'C'}); {len(dataset)} images, {spe} steps/epoch x {args.epochs} "
-        f"epochs, global batch {B} on {world} process(es), {device}, {args.precision}")
+    millions = sum(p.numel() for p in trainable) / 1e6
+    say(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {len(dataset)} "
+        f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {B} on "
+        f"{world} process(es), {device}, {args.precision}")
 
-    # Train: eq. 7 with per-example noise, RAE's objective. DDP averages the gradients of C (and D) and of the
-    # discriminator over the ranks; buffers (the statistics) are equal on every rank, so they are not synced.
-    ddp = lambda m: m if world == 1 or m is None or not trainable else DDP(
-        m, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
-    net, disc_net = ddp(model), ddp(disc)
-    stop = min(args.max_steps or total_steps, total_steps) if trainable else step
-    norm2 = resume["norm2"] if resume is not None and stop <= step else None  # stale once C trains on
+    # Train: eq. 7 with per-example noise, RAE's objective (DDP averages the gradients)
+    net = wrap_ddp(model, world, device) if trains else model
+    disc_net = wrap_ddp(disc, world, device) if disc is not None else None
+    stop = min(args.max_steps or total_steps, total_steps) if trains else step
+    if resume is not None and stop <= step:
+        parts["norm2"] = resume["norm2"]  # still valid: C does not train on
     raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
-    gan_start, disc_start = args.disc_start * spe, args.disc_upd_start * spe
-    warmup = int(round(args.warmup_epochs * spe))
+    gan_start = args.disc_start * steps_per_epoch
+    disc_start = args.disc_upd_start * steps_per_epoch
+    warmup = int(round(args.warmup_epochs * steps_per_epoch))
     if disc is not None:
-        late = " (after this run's last step: no GAN in this run)" if gan_start >= stop else ""
-        say(f"GAN: the discriminator trains from step {disc_start} (--disc-upd-start {args.disc_upd_start} epochs), "
-            f"the adversarial loss trains C from step {gan_start} (--disc-start {args.disc_start} epochs){late}")
-    log = common.TrainLog(LOG_KEYS, args.out, step, total_steps if trainable else step, B, device, master,
-                          resume is not None, show=("loss", "l1", "lr"))
-    fixed = next(batches())[:8]  # the first training images, for the reconstruction grids
-    for epoch in range(step // spe, args.epochs):
+        say(gan_plan(args, disc_start, gan_start, stop))
+    log = common.TrainLog(LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
+                          batch_size=B, device=device, master=master, resumed=resume is not None,
+                          show=("loss", "l1", "lr"))
+    fixed = next(batches())[:GRID_IMAGES]  # the first training images, for the grids
+    for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= stop:
             break
-        sampler.set_epoch(epoch, step - epoch * spe)
+        sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
         for images, _ in loader:
-            use_gan, train_disc = disc is not None and step >= gan_start, disc is not None and step >= disc_start
-            gen = common.step_generator(args.seed, step, 0, device)
-            flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
-            eps = common.encoder_noise(gen, B, raw_shape, rank, world, device, args.noise_max, per_example=True)
-            aug = [common.global_rand(gen, B, (5,), rank, world, device) for _ in range(3)]
+            use_gan = disc is not None and step >= gan_start
+            train_disc = disc is not None and step >= disc_start
+
+            flip, eps, aug = step_randomness(args, step, raw_shape, rank, world, device)
             x = common.to_unit(images, device, flip)
             with torch.no_grad(), autocast():
                 z_raw = rae.encode_raw(x).float()
 
-            # generator step: C (and D with --train-decoder)
+            # The generator step: C (and D with --train-decoder)
             lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr, args.min_lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if disc is not None:
-                disc.eval().requires_grad_(False)
+            common.set_lr(opt, lr)
+            train_discriminator(disc, disc_params, False)  # gradients flow through it, not into it
             with autocast():
-                loss, parts = losses.generator_loss(net(z_raw + eps).float(), x, lpips, args.perceptual_weight,
-                                                    disc if use_gan else None, args.disc_weight, aug[0], last_layer,
-                                                    average=common.all_reduce_)
+                recon = net(z_raw, eps).float()  # eq. 7
+                loss, loss_parts = losses.generator_loss(
+                    recon, x, lpips=lpips, perceptual_weight=args.perceptual_weight,
+                    disc=disc if use_gan else None, disc_weight=args.disc_weight, aug_u=aug[0],
+                    last_layer=last_layer, average=common.all_reduce_)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped (RAE: no clip)
+            # The gradient norm is measured, not clipped (RAE does not clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
             opt.step()
-            common.update_ema(C_ema, C, args.ema)
+            common.update_ema(C_ema, C, args.ema_decay)
             if args.train_decoder:
-                common.update_ema(D_ema, decoder, args.ema)
+                common.update_ema(D_ema, decoder, args.ema_decay)
 
-            # discriminator step: a fresh reconstruction of the clean tokens, 8-bit, augmented
+            # The discriminator step
             d_loss = torch.zeros((), device=device)
             if train_disc:
-                disc.train().requires_grad_(True)
-                for group in disc_opt.param_groups:
-                    group["lr"] = common.lr_schedule(step - disc_start, warmup, warmup, total_steps, args.lr,
-                                                     args.min_lr)
-                with torch.no_grad(), autocast():
-                    fake = torch.round(model(z_raw).float().clamp(0, 1) * 255) / 127.5 - 1  # in [-1, 1]
-                with autocast():
-                    d_loss = losses.hinge_d_loss(disc_net(losses.diff_augment(x * 2 - 1, aug[2])),
-                                                 disc_net(losses.diff_augment(fake, aug[1])))
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
-            log.add(step, loss=loss, **parts, disc_loss=d_loss, grad_norm=gnorm)
+                train_discriminator(disc, disc_params, True)
+                disc_lr = common.lr_schedule(step - disc_start, warmup, warmup, total_steps,
+                                             args.lr, args.min_lr)
+                common.set_lr(disc_opt, disc_lr)
+                d_loss = discriminator_step(disc, disc_net, disc_opt, model, z_raw, x,
+                                            real_aug=aug[2], fake_aug=aug[1], autocast=autocast)
+            log.add(step, loss=loss, **loss_parts, disc_loss=d_loss, grad_norm=grad_norm)
             step += 1
 
-            ckpt_due = step < stop and (step % spe == 0 or (args.ckpt_every and step % args.ckpt_every == 0))
-            if step % args.log_every == 0 or ckpt_due or step >= stop:  # one host sync per log
-                if log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc) is None:  # non-finite
+            # Log (one host sync), grids, checkpoints
+            extra = args.ckpt_every and step % args.ckpt_every == 0
+            ckpt_due = step < stop and (step % steps_per_epoch == 0 or extra)
+            if step % args.log_every == 0 or ckpt_due or step >= stop:
+                finite = log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc)
+                if not finite:
                     common.cleanup_ddp()
                     sys.exit(3)
-            if master and args.grid_every and (step % args.grid_every == 0 or step >= stop):
-                with torch.no_grad(), autocast():
-                    rec_x = ema(ema.rae.encode_raw(fixed)).float()
-                common.save_grid(torch.cat([fixed, rec_x]), os.path.join(args.out, "recon", f"{step:07d}.png"),
-                                 nrow=len(fixed))
+            grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
+            if master and grid_due:
+                save_recon_grid(stage1_ema, fixed, args.out, step, autocast)
             if ckpt_due:
-                log.save(step, lambda: state(step // spe))
+                log.save(step, lambda: checkpoint_record(args, step, world, steps_per_epoch, parts))
             if step >= stop:
                 break
     log.bar.close()
 
-    # Save: norm2 of eq. 5 (clean tokens, EMA C, no flips) whenever the run stops
-    if norm2 is None:
+    # norm2 of eq. 5 (clean tokens, EMA C, no flips), measured whenever the run stops
+    if parts["norm2"] is None:
         say("computing the compact statistics norm2 (eq. 5) with the EMA compressor")
         with autocast():
-            mean2, var2 = common.channel_stats(batches(), lambda x: ema.encode(x).float(), device)
-        norm2 = dict(mean=mean2.cpu(), var=var2.cpu())
+            parts["norm2"] = measure_norm2(stage1_ema, batches(), device)
         if master:
-            common.save_checkpoint(state(step // spe), ckpt_path)
-    what = f"step {step}" if trainable else "nothing to train (C and D frozen): wrote the statistics"
-    say(f"done, {what}; {ckpt_path} holds what stage 2 needs (E's path, D, C_enc/C_dec, the RAE statistics "
-        f"and norm2): python train_flow.py --data {args.data} --stage1 {ckpt_path} --out OUT")
+            record = checkpoint_record(args, step, world, steps_per_epoch, parts)
+            common.save_checkpoint(record, ckpt_path)
+    what = f"step {step}" if trains else "nothing to train (C and D frozen): wrote the statistics"
+    say(f"done, {what}; {ckpt_path} holds what stage 2 needs (E's path, D, C_enc/C_dec, the RAE "
+        f"statistics and norm2): python train_flow.py --data {args.data} --stage1 {ckpt_path} "
+        f"--out OUT")
     common.cleanup_ddp()
 
 
+def resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt):
+    """Load every state a checkpoint holds into the run's objects; returns its step."""
+    comp = resume["compressor"]
+    dec = resume["decoder"]  # its states are None unless D was trained
+    pairs = [
+        (C, comp["state"]),
+        (C_ema, comp["state_ema"]),
+        (decoder, dec["state"]),
+        (D_ema, dec["state_ema"]),
+        (opt, resume["optimizer"]),
+        (disc, resume["discriminator"]),
+        (disc_opt, resume["disc_optimizer"]),
+    ]
+    for obj, state in pairs:
+        if obj is not None and state is not None:
+            obj.load_state_dict(state)
+    common.restore_rng(resume["rng"])
+    return resume["step"]
+
+
+@torch.no_grad()
+def save_recon_grid(stage1_ema, fixed, out, step, autocast):
+    """recon/<step>.png: the fixed training images above the EMA's eq. 7 reconstructions."""
+    with autocast():
+        recon = stage1_ema(stage1_ema.encode_raw(fixed)).float()
+    path = os.path.join(out, "recon", f"{step:07d}.png")
+    common.save_grid(torch.cat([fixed, recon]), path, nrow=len(fixed))
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Stage 1 of SRC-Flow: train the compressor with a frozen RAE (eq. 7).",
+    p = argparse.ArgumentParser(description="Stage 1: train the compressor (eq. 7).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="training images as an ImageFolder (one subfolder per class)")
-    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl, recon/")
-    p.add_argument("--encoder", required=True, help="DINOv2 weights (official .pth or a Hugging Face snapshot): E")
-    p.add_argument("--decoder", default=None, help="released RAE decoder model.pt, kept frozen (else --train-decoder)")
+    p.add_argument("--data", required=True, help="training images, one folder per class")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--encoder", required=True, help="DINOv2 weights (.pth or HF snapshot)")
+    p.add_argument("--decoder", default=None, help="released RAE decoder model.pt (frozen)")
     p.add_argument("--train-decoder", action="store_true",
-                   help="build D from --decoder-* and train it with C (toy runs, new data or resolution)")
-    p.add_argument("--decoder-width", type=int, default=1152, help="--train-decoder: D width (RAE ViT-XL: 1152)")
-    p.add_argument("--decoder-depth", type=int, default=28, help="--train-decoder: D layers")
+                   help="build D from --decoder-* and train it with C (toy runs)")
+    p.add_argument("--decoder-width", type=int, default=1152, help="trained D's width")
+    p.add_argument("--decoder-depth", type=int, default=28, help="trained D's layers")
     p.add_argument("--decoder-heads", type=int, default=None,
-                   help="D attention heads (default: 16 with --train-decoder; RAE's count for a --decoder's width)")
-    p.add_argument("--decoder-mlp", type=int, default=4096, help="--train-decoder: D MLP width")
-    p.add_argument("--rae-stats", default=None, help="RAE stat.pt (mean/var of raw encoder tokens); else computed")
-    p.add_argument("--stats-images", type=int, default=0, help="images for the statistics and the PCA fit (0: all)")
-    p.add_argument("--image-size", type=int, default=256, help="image side (256 or 512 in the paper)")
+                   help="D's heads (default: 16 when trained, else RAE's for its width)")
+    p.add_argument("--decoder-mlp", type=int, default=4096, help="trained D's MLP width")
+    p.add_argument("--rae-stats", default=None, help="RAE's stat.pt (default: measured)")
+    p.add_argument("--stats-images", type=int, default=0,
+                   help="images for the statistics and the PCA fit (0: all)")
+    p.add_argument("--image-size", type=int, default=256, help="image side")
     p.add_argument("--compressor", choices=list(COMPRESSORS), default="src",
-                   help="C: src (the paper), linear, pca (fitted, frozen) or identity (d = n)")
-    p.add_argument("--src-dim", type=int, default=32, help="d, channels of the compact tokens")
-    p.add_argument("--src-depth", type=int, default=4, help="L, Transformer blocks on each side of the SRC")
+                   help="C (Table 5): src, linear, pca (fitted) or identity (d = n)")
+    p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
+    p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size (split over processes)")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate of C (and D) and the discriminator")
-    p.add_argument("--min-lr", type=float, default=2e-5, help="learning rate at the end of the cosine decay")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from 0, in epochs")
-    p.add_argument("--noise-max", type=float, default=0.8, help="sigma_src ~ U(0, noise_max) per example (eq. 7)")
-    p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight (0: off)")
-    p.add_argument("--lpips-vgg", default=None, help=f"torchvision VGG16 weights ({losses.VGG16_URL})")
-    p.add_argument("--lpips-lin", default=None, help=f"LPIPS v0.1 linear heads vgg.pth ({losses.LPIPS_LIN_URL})")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr of C, D and the disc.")
+    p.add_argument("--min-lr", type=float, default=2e-5, help="lr at the cosine's end")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs")
+    p.add_argument("--noise-max", type=float, default=0.8,
+                   help="sigma_src ~ U(0, noise_max) per image (eq. 7)")
+    p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight")
+    p.add_argument("--lpips-vgg", default=None, help=f"VGG16 weights ({losses.VGG16_URL})")
+    p.add_argument("--lpips-lin", default=None, help=f"LPIPS heads ({losses.LPIPS_LIN_URL})")
     p.add_argument("--disc", choices=["dino", "patch"], default="dino",
-                   help="discriminator: RAE's heads on a frozen DINO-S/8, or a PatchGAN needing no weights")
-    p.add_argument("--disc-encoder", default=None, help=f"--disc dino: DINO ViT-S/8 weights ({losses.DINO_S8_URL})")
-    p.add_argument("--disc-width", type=int, default=64, help="--disc patch: width of the first conv")
-    p.add_argument("--disc-weight", type=float, default=0.75, help="adversarial loss weight (0: no GAN)")
+                   help="RAE's DINO-S/8 discriminator, or a weight-free PatchGAN")
+    p.add_argument("--disc-encoder", default=None,
+                   help=f"DINO ViT-S/8 weights ({losses.DINO_S8_URL})")
+    p.add_argument("--disc-width", type=int, default=64, help="PatchGAN's first width")
+    p.add_argument("--disc-weight", type=float, default=0.75, help="GAN loss weight")
     p.add_argument("--disc-start", type=int, default=8,
-                   help="epoch (not step) from which the adversarial loss trains C: a --max-steps run that stops "
-                        "earlier trains without the GAN")
+                   help="epoch (not step) the GAN loss starts: --max-steps runs that end "
+                        "sooner train without it")
     p.add_argument("--disc-upd-start", type=int, default=6,
-                   help="epoch (not step) from which the discriminator is updated")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay of the weights of C (and D)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast precision of the passes")
-    p.add_argument("--grid-every", type=int, default=2500, help="steps between reconstruction grids (0: off)")
-    p.add_argument("--ckpt-every", type=int, default=2500, help="steps between extra checkpoints (0: epoch ends)")
+                   help="epoch (not step) the discriminator starts to train")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of C and D")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast")
+    p.add_argument("--grid-every", type=int, default=2500, help="steps between grids")
+    p.add_argument("--ckpt-every", type=int, default=2500,
+                   help="steps between extra checkpoints (0: epoch ends)")
     common.add_run_arguments(p)
     return p
 
@@ -315,21 +462,26 @@ def check_args(args):
     """One-line errors for settings that cannot run, before any file is read."""
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be positive, got {getattr(args, name)}")
     if args.train_decoder and args.image_size % 16:
-        raise UserError(f"--image-size must be a multiple of 16 (the trained decoder's patch), got {args.image_size}")
+        raise UserError(f"--image-size must be a multiple of 16 (the trained decoder's patch), "
+                        f"got {args.image_size}")
     if args.noise_max < 0:
         raise UserError(f"--noise-max must be >= 0, got {args.noise_max}")
     if args.train_decoder == (args.decoder is not None):
-        raise UserError("give exactly one of --decoder PATH (a released RAE decoder, frozen) and --train-decoder")
+        raise UserError("give exactly one of --decoder PATH (a released RAE decoder, frozen) and "
+                        "--train-decoder")
     if args.compressor in ("pca", "identity") and not args.train_decoder:
         return args  # nothing to train: the loss weights are not needed
     if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
-        raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg ({losses.VGG16_URL}) and "
-                        f"--lpips-lin ({losses.LPIPS_LIN_URL}); or pass --perceptual-weight 0")
+        raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
+                        f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}); or pass "
+                        f"--perceptual-weight 0")
     if args.disc_weight > 0 and args.disc == "dino" and not args.disc_encoder:
-        raise UserError(f"--disc dino needs --disc-encoder (DINO ViT-S/8 weights, {losses.DINO_S8_URL}); "
-                        f"use --disc patch for a discriminator without pretrained weights, or --disc-weight 0")
+        raise UserError(f"--disc dino needs --disc-encoder (DINO ViT-S/8 weights, "
+                        f"{losses.DINO_S8_URL}); use --disc patch for a discriminator without "
+                        f"pretrained weights, or --disc-weight 0")
     return args
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tarflow import TARFlow, guided_gaussian  # noqa: E402
+from tarflow import TARFlow, guided_gaussian, modulate  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -35,18 +35,18 @@ def naive_block_params(block, x_t, t, c, caches):
     """One step of one conditioning pass: token t (B, 1, d) -> (mu, alpha) of token t + 1, caches grown by cat."""
     h = block.proj_in(x_t.to(block.proj_in.weight.dtype)) + block.pos_embed[t]
     for layer, cache in zip(block.layers, caches):
-        sa, ca, ga, sm, cm, gm = layer.modulation(c)  # recomputed every step
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.modulation(c)  # every step
         a = layer.attn
         B = h.shape[0]
-        qkv = a.qkv(torch.addcmul(sa, layer.norm1(h), ca))
+        qkv = a.qkv(modulate(layer.norm1(h), shift_msa, scale_msa))
         q, k, v = qkv.view(B, 1, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
         cache['k'] = k if cache['k'] is None else torch.cat([cache['k'], k], dim=2)
         cache['v'] = v if cache['v'] is None else torch.cat([cache['v'], v], dim=2)
         o = F.scaled_dot_product_attention(q, cache['k'], cache['v'])
-        h = h + ga * a.proj(o.transpose(1, 2).reshape(B, 1, -1))
-        h = h + gm * layer.mlp(torch.addcmul(sm, layer.norm2(h), cm))
+        h = h + gate_msa * a.proj(o.transpose(1, 2).reshape(B, 1, -1))
+        h = h + gate_mlp * layer.mlp(modulate(layer.norm2(h), shift_mlp, scale_mlp))
     shift, scale = block.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-    out = block.proj_out(torch.addcmul(shift, block.norm(h), 1 + scale))
+    out = block.proj_out(modulate(block.norm(h), shift, scale))
     return out[:, 0].to(x_t.dtype).chunk(2, dim=-1)
 
 

@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-import train_flow  # noqa: E402
 import train_src  # noqa: E402
+from src import Stage1  # noqa: E402
+from tarflow import nll_per_dim  # noqa: E402
 
 
 def timed(step, warmup, iters, device):
@@ -53,7 +54,7 @@ def flow_step_fn(args, device, precision, compile_):
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             z, logdet = model(zc, y)
-        loss = train_flow.nll_per_dim(z, logdet).mean()
+        loss = nll_per_dim(z, logdet).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
@@ -75,7 +76,7 @@ def src_step_fn(args, device, precision, compile_):
     model_rae.requires_grad_(False)
     C = train_src.build_compressor(args, args.encoder_width).to(device)
     C_ema = copy.deepcopy(C).requires_grad_(False)
-    net = common.Stage1(model_rae, C).to(device)  # the eq. 7 path (norm2 = identity)
+    net = Stage1(model_rae, C).to(device)  # its forward is eq. 7
     fwd = torch.compile(net) if compile_ else net
     opt = torch.optim.AdamW(C.parameters(), lr=2e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)

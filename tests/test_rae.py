@@ -304,6 +304,20 @@ def test_dinov2_config_rebuilds_the_encoder(dinov2_files, tmp_path):
     assert other != cfg and other["init_values"] is None and other["num_registers"] == cfg["num_registers"]
 
 
+def test_dinov2_sharded_hf_snapshot(dinov2_files, tmp_path):
+    """A snapshot whose safetensors are split in shards (model.safetensors.index.json) reads as one."""
+    sd, tmp, x, ref, official = dinov2_files
+    hf = to_hf(sd)
+    keys = sorted(hf)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for part, name in enumerate(names):
+        write_safetensors(tmp_path / name, {k: hf[k] for k in keys[part::2]})
+    weight_map = {k: names[i % 2] for i, k in enumerate(keys)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with torch.no_grad():
+        assert rel_err(rae.load_dinov2(tmp_path)(x), official) < 1e-6
+
+
 def test_fingerprint_is_the_weights_not_the_file(dinov2_files, tmp_path):
     """The fingerprint a stage-1 checkpoint records: equal for the same weights in every layout (official .pth,
     HF safetensors and .bin, an export without the unused mask_token), different for other weights of the same

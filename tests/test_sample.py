@@ -14,6 +14,8 @@ from PIL import Image
 
 import common
 import sample
+from src import Stage1, load_stage1
+from tarflow import load_flow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 80, 240)]
@@ -136,7 +138,7 @@ def pipeline(tmp_path_factory):
          "--decoder-depth", 1, "--decoder-heads", 1, "--decoder-mlp", 64, "--image-size", 32, "--src-depth", 1,
          "--src-dim", 4, "--perceptual-weight", 0, "--disc", "patch", "--disc-width", 8] + common)
     run(["train_flow.py", "--stage1", tmp / "s1" / "checkpoint.pt", "--out", tmp / "s2", "--model", "tiny",
-         "--ema", 0.5] + common)
+         "--ema-decay", 0.5] + common)
     wake_zero_initialised_layers(tmp / "s2" / "checkpoint.pt")
     return dict(tmp=tmp, flow=str(tmp / "s2" / "checkpoint.pt"), stage1=str(tmp / "s1" / "checkpoint.pt"),
                 heldout=str(heldout))
@@ -167,10 +169,9 @@ def test_samples_are_eq10_and_independent_of_ranks_and_batches(pipeline):
     assert json.load(open(tmp / "one" / "info.json"))["class_counts"] == [3, 2, 2]
 
     # eq. 10 computed here from the loaded modules: u -> f^-1 (CFG) -> denorm2 -> C_dec -> RAE decode
-    from common import load_flow, load_stage1
     f, _ = load_flow(flow)
     s1 = load_stage1(pipeline["stage1"])
-    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, s1.std2
+    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, (s1.var2 + s1.eps2).sqrt()
     idx = [0, 4, 5]
     u = sample.prior_noise(5, idx, (f.num_tokens, f.in_channels))
     with torch.no_grad():
@@ -195,10 +196,9 @@ def test_nll_is_the_exact_flow_likelihood(pipeline):
     res = json.load(open(out))
     assert res["num_images"] == 6 and res["conditional"]
     # independent: the RAE's own encode (no noise), norm2, and the flow's forward pass (eq. 2)
-    from common import load_flow, load_stage1
     f, cfg = load_flow(flow)
     s1 = load_stage1(pipeline["stage1"])
-    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, s1.std2
+    rae, C, mean2, std2 = s1.rae, s1.C, s1.mean2, (s1.var2 + s1.eps2).sqrt()
     paths = [r["path"] for r in res["per_image"]]
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
                      for p in paths]).float() / 255
@@ -312,7 +312,6 @@ def test_guidance_sweep_under_torchrun_equals_one_process(pipeline, tmp_path):
 
 def test_deep_guidance_and_score_step_follow_the_flow(pipeline):
     """--guide-blocks deep and --score-step are TARFlow.reverse(guide_blocks='deep') and TARFlow.score_step."""
-    from common import load_flow, load_stage1
     tmp, flow = pipeline["tmp"], pipeline["flow"]
     args = ["--ckpt", flow, "--num-samples", 3, "--cfg", 2.0, "--seed", 1, "--no-progress", "--no-png"]
     assert cli(args + ["--out", tmp / "deep", "--guide-blocks", "deep", "--score-step", 0.5]) is None
@@ -329,13 +328,13 @@ def test_deep_guidance_and_score_step_follow_the_flow(pipeline):
 
 
 def test_non_finite_samples_stop_with_one_line(pipeline, monkeypatch, capsys):
-    real = sample.generate
+    real = Stage1.generate
 
     def broken(*a, **k):
         images = real(*a, **k)
         images[1::2] = float("nan")                           # every second sample of each batch
         return images
-    monkeypatch.setattr(sample, "generate", broken)
+    monkeypatch.setattr(Stage1, "generate", broken)
     out = pipeline["tmp"] / "nan"
     assert cli(["--ckpt", pipeline["flow"], "--out", out, "--num-samples", 4, "--batch-size", 4, "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
@@ -345,7 +344,6 @@ def test_non_finite_samples_stop_with_one_line(pipeline, monkeypatch, capsys):
 
 def test_reconstructions_for_rfid(pipeline):
     """--reconstruct writes the ADM-cropped originals and D(denorm(C_dec(C_enc(norm(E(x) + eps))))) as npz."""
-    from common import load_stage1
     tmp, held = pipeline["tmp"], pipeline["heldout"]
     base = ["--reconstruct", held, "--stage1", pipeline["stage1"], "--no-progress"]
     assert cli(base + ["--out", tmp / "rec", "--batch-size", 4]) is None
@@ -371,7 +369,6 @@ def test_reconstructions_for_rfid(pipeline):
 def test_moved_weights_need_only_the_override_flags(pipeline, tmp_path, capsys):
     """A stage 1 whose encoder and released decoder moved: the error names the flag; the flags restore it."""
     import rae
-    from common import load_stage1
     torch.manual_seed(1)
     enc, dec = tmp_path / "dinov2.pth", tmp_path / "decoder.pt"
     torch.save(rae.DINOv2(embed_dim=32, depth=1, num_heads=1, num_registers=4, pos_grid=2).state_dict(), enc)

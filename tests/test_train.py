@@ -22,6 +22,8 @@ import common
 import losses
 import train_flow
 import train_src
+from src import Stage1, load_stage1
+from tarflow import load_flow, nll_per_dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = [(220, 40, 40), (40, 200, 60)]
@@ -45,13 +47,14 @@ def load(path):
 
 
 def max_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return max((torch.as_tensor(a[k]).double() - torch.as_tensor(b[k]).double()).abs().max().item()
+               for k in a)
 
 
 def assert_equal_states(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def test_one_src_step_lowers_the_loss_on_a_fixed_batch():
     z_raw = model.encode_raw(x)
     sigma = torch.rand(4) * 0.8
     z_noisy = z_raw + sigma.view(-1, 1, 1) * torch.randn_like(z_raw)   # eq. 7: noise on E(x)
-    net = common.Stage1(model, C)                                       # norm2 = identity: the eq. 7 path
+    net = Stage1(model, C)                                              # its forward is eq. 7
     opt = torch.optim.AdamW(C.parameters(), lr=2e-4, betas=(0.9, 0.95), weight_decay=0.0)
 
     def loss():
@@ -143,7 +146,7 @@ def test_one_flow_step_lowers_the_loss_on_a_fixed_batch():
     zc = torch.randn(6, 4, 8) * torch.linspace(0.3, 2.0, 8) + 0.5
     y = torch.tensor([0, 1, 2, 0, 1, 2])            # 2 = null label
     opt = torch.optim.AdamW(flow.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0)
-    before = train_flow.nll_per_dim(*flow(zc, y)).mean()
+    before = nll_per_dim(*flow(zc, y)).mean()
     # eq. 9 per dim is the exact NLL minus the Gaussian constant
     exact = -flow.log_prob(zc, y).mean().item() / 32
     assert before.item() == pytest.approx(exact - 0.5 * math.log(2 * math.pi), abs=1e-5)
@@ -151,7 +154,7 @@ def test_one_flow_step_lowers_the_loss_on_a_fixed_batch():
     before.backward()
     torch.nn.utils.clip_grad_norm_(flow.parameters(), 1.0)
     opt.step()
-    after = train_flow.nll_per_dim(*flow(zc, y)).mean().item()
+    after = nll_per_dim(*flow(zc, y)).mean().item()
     assert after < before.item() - 1e-4, (before.item(), after)
 
 
@@ -229,9 +232,12 @@ def test_dino_discriminator_reads_the_official_dino_layout(tmp_path, toy):
     logits = disc(torch.rand(3, 3, 32, 32) * 2 - 1)
     assert logits.shape == (3, grid * grid * 2)     # tokens x heads (taps 2 (< depth 3) + the output)
     logits.mean().backward()
-    assert all(p.grad is not None for p in disc.parameters())
-    assert all(p.grad is None for p in disc.backbone[0].parameters())
-    assert not any(k.startswith("backbone") for k in disc.state_dict())
+    heads = [p for p in disc.parameters() if p.requires_grad]
+    assert heads and all(p.grad is not None for p in heads)
+    assert all(p.grad is None and not p.requires_grad for p in disc.backbone.parameters())  # frozen
+    state = disc.state_dict()
+    assert state and not any(k.startswith("backbone") for k in state)   # heads only
+    disc.load_state_dict(state)                                         # ... and they load strictly
     with pytest.raises(ValueError, match="DINO \\(v1\\)"):   # a DINOv2 file is refused with the reason
         losses.load_dino_backbone(str(toy / "dinov2.pth"))
 
@@ -354,7 +360,7 @@ def test_every_argument_has_help_and_paper_defaults():
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
     assert s.compressor == "src"
     f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
-    assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema) == \
+    assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema_decay) == \
         (1e-4, 1e-6, 320, 256, 0.4, 0.1, 1.0, 0.9999)
     assert train_flow.SIZES[f.model]["channels"] == 1152 and train_flow.SIZES[f.model]["depths"] == [2] * 5 + [46]
     assert train_flow.SIZES[f.model]["channels"] // train_flow.SIZES[f.model]["head_dim"] == 16
@@ -400,8 +406,9 @@ def test_stage1_checkpoint_and_norm2_reproduce_the_normalisation(toy, stage1):
     assert ckpt["encoder"]["fingerprint"] == rae.fingerprint(rae.load_dinov2(str(toy / "dinov2.pth")))
     assert set(ckpt["compressor"]) == {"kind", "config", "state", "state_ema"} and ckpt["compressor"]["kind"] == "src"
     assert ckpt["stage"] == "src" and ckpt["num_classes"] == 2 and ckpt["image_size"] == 32
-    s1 = common.load_stage1(str(stage1))
-    rae_model, C, mean2, std2 = s1.rae, s1.C, s1.mean2, s1.std2
+    s1 = load_stage1(str(stage1))
+    rae_model, C, mean2, std2 = s1.rae, s1.C, s1.mean2, (s1.var2 + s1.eps2).sqrt()
+    assert s1.eps2 == ckpt["norm2"]["eps"] == 1e-5                      # norm2 as eq. 1: sqrt(var + 1e-5)
     assert mean2.shape == std2.shape == (8,)
     ds = common.ImageFolder(str(toy / "data"), 32)
     x = torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
@@ -438,9 +445,9 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     ckpt = load(ckpt_path)
     assert ckpt["step"] == 1 and ckpt["norm2"] is not None and ckpt["compressor"]["kind"] == kind
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1]
-    s1 = common.load_stage1(str(ckpt_path))
+    s1 = load_stage1(str(ckpt_path))
     d = 4 if kind == "linear" else 64
-    assert s1.C.kind == kind and s1.C.d == d and s1.mean2.shape == s1.std2.shape == (d,)
+    assert s1.C.kind == kind and s1.C.d == d and s1.mean2.shape == s1.var2.shape == (d,)
     # the same pipeline rebuilt by hand from the stored states (EMA weights)
     D = rae.RAEDecoder(**ckpt["decoder"]["config"])
     D.load_state_dict(ckpt["decoder"]["state_ema"])
@@ -448,7 +455,7 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     R.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
     C = COMPRESSORS[kind](**ckpt["compressor"]["config"])
     C.load_state_dict(ckpt["compressor"]["state_ema"])
-    mean2, std2 = ckpt["norm2"]["mean"], ckpt["norm2"]["var"].sqrt()
+    mean2, std2 = ckpt["norm2"]["mean"], (ckpt["norm2"]["var"] + ckpt["norm2"]["eps"]).sqrt()
     x = training_images(toy)
     with torch.no_grad():
         zc = s1.encode(x)                                                    # eq. 5 / 8 without noise
@@ -471,7 +478,7 @@ def test_pca_compressor_is_the_svd_of_the_training_features(toy, tmp_path, capsy
     ckpt = load(out / "checkpoint.pt")
     assert ckpt["step"] == 0 and ckpt["decoder"]["state"] is None and ckpt["norm2"] is not None
     assert os.path.samefile(ckpt["decoder"]["path"], tmp_path / "model.pt")
-    s1 = common.load_stage1(str(out / "checkpoint.pt"))
+    s1 = load_stage1(str(out / "checkpoint.pt"))
     with torch.no_grad():
         z = s1.rae.normalize(s1.rae.encode_raw(training_images(toy))).reshape(-1, 64)
         recon = s1.C.decode(s1.C.encode(z[None]))[0].double()
@@ -496,7 +503,7 @@ def test_flow_resume_and_two_processes_match_one_uninterrupted_run(toy, stage1, 
     for key in ("stage", "args", "step", "epoch", "flow", "flow_ema", "flow_kind", "flow_config", "stage1",
                 "noise_std", "num_classes", "image_size", "optimizer", "rng"):
         assert key in a, key
-    flow, cfg = common.load_flow(str(stage2))
+    flow, cfg = load_flow(str(stage2))
     assert cfg["noise_std"] == 0.4 and cfg["num_classes"] == 2 and cfg["image_size"] == 32
     assert os.path.samefile(cfg["stage1"], stage1)
     logs = [json.loads(l) for l in open(toy / "s2" / "log.jsonl")]
