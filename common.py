@@ -26,7 +26,8 @@ from tqdm import tqdm
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # Random streams: with the global seed (and a step or image index) each seeds its own generator.
-STREAM_STEP = 0             # a training step: flips, eq. 7/8 noise, label drops, augmentation
+# a training step's flips, eq. 7/8 noise, label drops and augmentation
+STREAM_STEP = 0
 STREAM_NLL = 1              # sample.py --nll: eq. 8's noise per image and draw
 STREAM_RECON = 2            # sample.py --reconstruct --recon-noise
 STREAM_DATA_ORDER = 0xDA7A  # EpochSampler: the permutation of each epoch
@@ -38,7 +39,6 @@ class UserError(ValueError):
 
 
 # ---- Data
-
 def center_crop_arr(pil_image, image_size):
     """ADM's centre crop: halve with a box filter while the short side is >= 2x the target,
     resize bicubically so that the short side is image_size, then crop the centre square."""
@@ -55,17 +55,16 @@ def center_crop_arr(pil_image, image_size):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image>, labelled by the sorted class folders (torchvision's order); with
-    flat=True a folder of images without class folders (every label 0).
-
-    Returns (uint8 (3, S, S) after ADM's centre crop, label). Flips are drawn per global example
-    in the training step (global_rand), so they do not depend on ranks or loader workers.
-    `exclude` leaves out known-bad files.
+    """root/<class>/**/<image> as (uint8 (3, S, S) after ADM's crop, label), labelled by the
+    sorted class folders (torchvision's order); flat=True: any folder of images, label 0. Flips
+    are drawn in the training step, per global example. `exclude` leaves out known-bad files.
     """
 
     def __init__(self, root, image_size, exclude=(), flat=False):
         if not os.path.isdir(root):
-            layout = "a folder of images" if flat else "an ImageFolder (one subfolder per class)"
+            layout = "an ImageFolder (one subfolder per class)"
+            if flat:
+                layout = "a folder of images"
             raise FileNotFoundError(f"{root}: no such folder; expected {layout}")
         self.root = root
         self.image_size = image_size
@@ -79,8 +78,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 if path not in exclude:
                     self.samples.append((path, label))
         if not self.samples:
-            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its "
-                            f"class folders")
+            raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
 
     def __len__(self):
         return len(self.samples)
@@ -90,10 +88,12 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 im = center_crop_arr(im.convert("RGB"), self.image_size)
-        except Exception as e:  # PIL raises many types: name the file and the cause in one line
+        # PIL raises many types: name the file and the cause in one line
+        except Exception as e:
             raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove it or "
                             f"pass --skip-bad-images") from None
-        image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)  # (3, S, S) uint8
+        image = torch.from_numpy(np.asarray(im).copy())
+        image = image.permute(2, 0, 1)  # (3, S, S) uint8
         return image, label
 
 
@@ -142,8 +142,8 @@ def training_set(args, image_size, rank=0, world=1):
         return dataset
     if rank == 0:
         more = " ..." if len(bad) > 5 else ""
-        print(f"skipping {len(bad)} unreadable images: {', '.join(bad[:5])}{more}",
-              file=sys.stderr)
+        listed = ", ".join(bad[:5]) + more
+        print(f"skipping {len(bad)} unreadable images: {listed}", file=sys.stderr)
     return ImageFolder(args.data, image_size, exclude=set(bad))
 
 
@@ -155,11 +155,9 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
-            raise UserError(f"--batch-size {global_batch} is not divisible by the {world} "
-                            f"processes")
+            raise UserError(f"--batch-size {global_batch} is not divisible by {world} processes")
         if n < global_batch:
-            raise UserError(f"the dataset has {n} images, fewer than one global batch of "
-                            f"{global_batch}")
+            raise UserError(f"the dataset has {n} images, fewer than a batch of {global_batch}")
         self.n = n
         self.global_batch = global_batch
         self.rank = rank
@@ -181,7 +179,8 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(order[start:end][self.rank::self.world].tolist())
 
     def __len__(self):
-        return (self.steps_per_epoch - self.start_step) * (self.global_batch // self.world)
+        local_batch = self.global_batch // self.world
+        return (self.steps_per_epoch - self.start_step) * local_batch
 
 
 def make_loader(dataset, sampler, num_workers):
@@ -205,7 +204,6 @@ def to_unit(images_uint8, device, flip=None):
 
 
 # ---- Per-example randomness, independent of the number of ranks
-
 def seed_of(*keys):
     """A well-mixed 63-bit seed for a tuple of integers (global seed, step or index, stream)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)
@@ -226,11 +224,8 @@ def global_rand(gen, global_batch, shape, rank, world, device, normal=False):
 
 
 def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_example):
-    """eps of eq. 7 and 8, added to the raw encoder output E(x), for this rank's rows.
-
-    sigma * N(0, I) with a constant sigma (the flow's sigma_flow, eq. 8), or with
-    sigma_i ~ U(0, sigma) drawn per example first (RAE's per-example noise, eq. 7). The one
-    place this noise is drawn.
+    """eps of eq. 7 and 8, added to the raw encoder output E(x), for this rank's rows: sigma *
+    N(0, I), sigma constant (eq. 8) or ~ U(0, sigma) per example (eq. 7). The one place it is drawn.
     """
     scale = torch.full((global_batch,), float(sigma), device=device)[rank::world]
     if per_example:
@@ -240,7 +235,6 @@ def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_exam
 
 
 # ---- torchrun
-
 def setup_ddp(device=None):
     """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot
     (gloo); without torchrun one process. device ('cpu', 'cuda') overrides the choice."""
@@ -257,6 +251,19 @@ def setup_ddp(device=None):
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return rank, world, dev
+
+
+def precision_of(flag, device):
+    """--precision, or bf16 on CUDA and fp32 elsewhere when it is not given."""
+    precision = flag or ("bf16" if device.type == "cuda" else "fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bfloat16; use fp32")
+    return precision
+
+
+def autocast(device, precision):
+    """The context the passes run in: bf16 autocast for precision 'bf16', plain float32 else."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def cleanup_ddp():
@@ -302,7 +309,7 @@ def channel_stats(batches, fn, device, covariance=False):
         part = torch.cat([count, total, second])
         acc = part if acc is None else acc + part
     if acc is None:
-        raise UserError("channel statistics: no data on this rank (fewer images than processes?)")
+        raise UserError("channel statistics: no images on this rank")
     all_reduce_(acc, op="sum")
     count = acc[0, 0]
     mean = acc[1] / count
@@ -314,10 +321,10 @@ def channel_stats(batches, fn, device, covariance=False):
 
 
 # ---- Training helpers
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model for the parameters; buffers are copied."""
+    # lerp_: e + (1 - decay) * (p - e), in place
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
@@ -329,6 +336,7 @@ def lr_schedule(step, warmup, decay_start, total, base, final):
     `final` at `total`. Stage 1 (RAE's) decays right after its warm-up; the flow has none."""
     if step < warmup:
         return base * (step + 1) / warmup
+    # t: the cosine's progress, 0 until decay_start, 1 from total on
     t = min(max(step - decay_start, 0) / max(total - decay_start, 1), 1.0)
     return base - (base - final) * 0.5 * (1.0 - math.cos(math.pi * t))
 
@@ -373,12 +381,11 @@ def load_checkpoint(path, stage):
     """A checkpoint written by train_src.py (stage 'src') or train_flow.py (stage 'flow')."""
     if not os.path.isfile(path):
         script = dict(src="train_src.py", flow="train_flow.py")[stage]
-        raise FileNotFoundError(f"{path}: no such file; expected a {stage} checkpoint ({script} "
-                                f"--out DIR writes DIR/checkpoint.pt)")
+        raise FileNotFoundError(f"{path}: no such file; expected {script}'s checkpoint.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     found = ckpt.get("stage") if isinstance(ckpt, dict) else type(ckpt).__name__
     if found != stage:
         raise UserError(f"{path}: expected a stage '{stage}' checkpoint, found {found!r}")
@@ -390,8 +397,7 @@ def resume_checkpoint(args, ckpt_path, stage, kept):
     `kept` arguments differs; without --resume an existing checkpoint is refused."""
     if not args.resume:
         if os.path.exists(ckpt_path):
-            raise UserError(f"{ckpt_path} exists; pass --resume to continue it or choose "
-                            f"another --out")
+            raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or another --out")
         return None
     ckpt = load_checkpoint(ckpt_path, stage)
     changed = {}
@@ -399,19 +405,15 @@ def resume_checkpoint(args, ckpt_path, stage, kept):
         if ckpt["args"].get(key) != getattr(args, key):
             changed[key] = (ckpt["args"].get(key), getattr(args, key))
     if changed:
-        raise UserError(f"--resume {ckpt_path}: these arguments differ from the run being resumed "
-                        f"(was, now): {changed}")
+        raise UserError(f"--resume {ckpt_path}: arguments differ from that run's (was, now): "
+                        f"{changed}")
     return ckpt
 
 
 class TrainLog:
-    """The bookkeeping of both training loops.
-
-    add(step, loss=..., ...) sums the metrics on the device (no host sync) and remembers the
-    first step whose loss was not finite. write(step, ...) syncs once: it averages over steps
-    and ranks, appends a record to log.jsonl (rank 0) and returns True, or prints a one-line
-    error and returns False when the loss became non-finite on any rank. save(step, build)
-    writes the checkpoint build() makes (rank 0) and remembers it as the last good one.
+    """Both training loops' bookkeeping: add() sums a step's metrics on the device (no host
+    sync); write() syncs once, averages over steps and ranks and appends to log.jsonl, or returns
+    False after a one-line error if the loss became non-finite; save() keeps the last good step.
     """
 
     def __init__(self, keys, out, step, total, batch_size, device, master, resumed, derive=None,
@@ -421,8 +423,10 @@ class TrainLog:
         self.batch_size = batch_size
         self.master = master
         self.show = show
-        self.derive = derive  # record -> dict of derived values (e.g. bits/dim from the loss)
-        self.sums = torch.zeros(len(self.keys) + 1, device=device)  # the metrics, then a count
+        # derive: record -> dict of derived values (e.g. bits/dim from the loss)
+        self.derive = derive
+        # the sums of the metrics, then a count of steps
+        self.sums = torch.zeros(len(self.keys) + 1, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
         self.time = time.time()
         self.step = step
@@ -448,7 +452,8 @@ class TrainLog:
             self.bar.close()
             where = "no checkpoint was written"
             if self.last_good is not None:
-                where = f"last good checkpoint {self.out}/checkpoint.pt (step {self.last_good})"
+                path = os.path.join(self.out, "checkpoint.pt")
+                where = f"last good checkpoint {path} (step {self.last_good})"
             print(f"error: loss became non-finite (nan/inf) at step {bad} (epoch "
                   f"{extra.get('epoch')}); stopping; {where}", file=sys.stderr)
             return False
@@ -478,11 +483,8 @@ class TrainLog:
 
 
 def save_grid(images, path, nrow=8, labels=None, title=None, min_tile=64):
-    """Images (B, 3, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically.
-
-    Small tiles are enlarged (nearest) to min_tile pixels; labels (a string or None per image)
-    go in each tile's corner and title above the grid.
-    """
+    """Images (B, 3, H, W) in [0, 1] (clamped) -> one PNG grid, written atomically; small tiles
+    enlarged (nearest) to min_tile pixels, labels (str or None each) in the tiles' corners."""
     images = images.detach().float().clamp(0, 1).cpu()
     b, _, h, w = images.shape
     scale = max(1, math.ceil(min_tile / max(h, w)))
@@ -514,38 +516,28 @@ def save_grid(images, path, nrow=8, labels=None, title=None, min_tile=64):
 
 
 # ---- Command line
-
 def add_run_arguments(p):
     """The run-control flags of both training scripts (loading, seeding, resuming, logging)."""
-    if hasattr(os, "sched_getaffinity"):
+    cores = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use
         cores = len(os.sched_getaffinity(0))
-    else:
-        cores = os.cpu_count() or 1
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     workers = min(8, cores // local_world)  # no more processes than this machine has
-    p.add_argument("--num-workers", type=int, default=workers,
-                   help="data-loader processes per rank")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the weights, the data order and the per-example noise")
+    p.add_argument("--num-workers", type=int, default=workers, help="loader workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, data order and noise")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt exactly")
     p.add_argument("--max-steps", type=int, default=0,
-                   help="stop (with a checkpoint) at this global step; the schedule still "
-                        "follows --epochs (0: off)")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log.jsonl records")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="check every image first and leave out unreadable ones (listed)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+                   help="stop (with a checkpoint) at this step; the schedule keeps --epochs")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log records")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
 
 
 def run_cli(main, args):
     """Run main(args); a user error (bad file, argument, data) is one line on stderr, exit 2.
-
-    Under torchrun a failing rank leaves at once, without waiting for the others (os._exit: no
-    barrier, no join of the process group's threads), and torchrun then stops the whole job
-    within a second. A rank that only lost its peer (gloo's "Connection closed by peer") says
-    so in one line instead of a traceback: the cause is the other rank's error. Other
-    exceptions keep their traceback.
-    """
+    Under torchrun a failing rank exits at once (os._exit: no barrier, no join of the process
+    group's threads) and torchrun stops the job; a rank that only lost its peer says so in one
+    line. Other exceptions keep their traceback."""
     rank = int(os.environ.get("RANK", 0))
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     try:
@@ -556,7 +548,8 @@ def run_cli(main, args):
         if len(lines) > 1:  # raised in a DataLoader worker: the message is its traceback
             line = re.sub(r"^[\w.]*(Error|Exception): ", "", line)
         newline = "\n" if rank > 0 else ""  # not glued to rank 0's progress bar
-        tqdm.write(f"{newline}error: {line}", file=sys.stderr)  # a line of its own under a bar
+        # tqdm.write: a line of its own even under a progress bar
+        tqdm.write(f"{newline}error: {line}", file=sys.stderr)
         code = 2
     except Exception as e:
         if not distributed:

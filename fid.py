@@ -9,26 +9,15 @@ with its PyTorch port's weights (pytorch-fid's, FID_WEIGHTS_URL) in float32, TF3
     python fid.py --save-stats imagenet_val/ val_stats.npz --weights W  # encode a reference once
     torchrun --nproc_per_node 8 fid.py REF GEN --weights W              # split across GPUs
 
-REF, GEN: a folder of images (first centre-cropped to --image-size, as ADM made its reference
-batches), or an `.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s,
-sigma_s]`. ADM's reference batches hold both: as in its evaluator, the statistics give FID and
-sFID, the images precision and recall only.
-
-Protocols, from 0..255 images to the graph's 299 x 299 input:
-    adm          TF1's legacy ResizeBilinear, then (x - 128) / 128: ADM's evaluator (default)
-    pytorch-fid  x / 255, torch's bilinear resize, then 2x - 1: pytorch-fid
-The two give different numbers; papers built on ADM (this one too) report the first.
-
-API (sample.py --cfg-sweep; under torchrun, call it on every rank):
-    model = load_inception(path)
-    ref = load_features(source, model, protocol="adm", stats="stored", ...)  # a reusable dict
-    evaluate(ref, gen, model, protocol="adm", ref_stats="stored", ...)
-        -> {fid, sfid, inception_score, precision, recall, num_ref, num_gen}
+REF, GEN: a folder of images (centre-cropped to --image-size, as ADM made its batches), or an
+`.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s, sigma_s]`; as in ADM's
+evaluator, stored statistics give FID and sFID, images precision and recall. Protocols: `adm`
+(TF1's legacy resize, (x - 128) / 128: ADM's, the paper's) or `pytorch-fid` (torch's, 2x - 1).
+API (on every rank under torchrun): evaluate(load_features(REF, model), GEN, model, ...).
 """
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import struct
@@ -46,52 +35,53 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from common import center_crop_arr
+from common import atomic_write, center_crop_arr, run_cli, save_json
 
-FID_WEIGHTS_URL = (
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-    "pt_inception-2015-12-05-6726825d.pth"
-)
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 PROTOCOLS = ("adm", "pytorch-fid")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# the input size; the logits (1000 classes + 8 unused), pool_3, sFID's mixed_6/conv[..., :7]
 INPUT_SIZE = 299
-NUM_CLASSES = 1008  # 1000 + 8 unused
-POOL_DIM = 2048  # pool_3
-SPATIAL_DIM = 17 * 17 * 7  # mixed_6/conv[..., :7]
-IS_SPLIT_SIZE = 5000  # 50k samples: 10 splits
-PR_K = 3  # balls reach the k-th neighbour
-PR_BLOCK = 10000  # 10k x 10k distances a block
-# the CLI's names for the metrics, in print order
+NUM_CLASSES = 1008
+POOL_DIM = 2048
+SPATIAL_DIM = 17 * 17 * 7
+# IS: 10 splits of 50k samples; P/R: balls reach the k-th neighbour, 10k x 10k distances a block
+IS_SPLIT_SIZE = 5000
+PR_K = 3
+PR_BLOCK = 10000
 METRIC_NAMES = dict(
     fid="FID", sfid="sFID", inception_score="IS", precision="Precision", recall="Recall")
+# torch >= 2.9 sets TF32 per op (cuDNN conv, CUDA matmul), older torch by allow_tf32 flags
+_PER_OP_TF32 = hasattr(torch.backends.cudnn, "conv")
 
 
 @contextlib.contextmanager
 def _no_tf32():
-    """cuDNN convolutions and CUDA matmuls in full float32 ("ieee": TF32 off), as TF ran
-    them, then the caller's settings back. torch 2.14 keeps TF32 per op (conv, matmul):
-    the legacy `cudnn.allow_tf32 = False` only resets conv to "none", which inherits a
-    global `torch.backends.fp32_precision`, and the legacy flags cannot be read once the
-    caller used the per-op API; so the per-op settings are the ones saved and set."""
-    conv = torch.backends.cudnn.conv
+    """cuDNN convolutions and CUDA matmuls in full float32 (TF32 off), as TF ran them, then the
+    caller's settings back: the per-op ones ("ieee") where torch has them (there the legacy
+    `cudnn.allow_tf32 = False` only resets conv to "none", which inherits the global setting, and
+    the legacy flags cannot be read once a caller used the per-op API), else the legacy flags."""
+    cudnn = torch.backends.cudnn
     matmul = torch.backends.cuda.matmul
-    conv_before = conv.fp32_precision
-    matmul_before = matmul.fp32_precision
-    conv.fp32_precision = "ieee"
-    matmul.fp32_precision = "ieee"
+    # (object, attribute, its TF32-off value): the convolutions', then the matmuls'
+    if _PER_OP_TF32:
+        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    before = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, off in flags:
+        setattr(obj, name, off)
     try:
         yield
     finally:
-        conv.fp32_precision = conv_before
-        matmul.fp32_precision = matmul_before
+        for (obj, name, _), value in zip(flags, before):
+            setattr(obj, name, value)
 
 
-# -----------------------------------------------------------------------------
-# The FID Inception-v3: TF's 2015-12-05 graph block by block, under torchvision's
-# module names (the weights load by name). A padded conv is one of TF's 'SAME' convs,
-# the others are 'VALID'; "/2" marks stride 2.
-
+# ---- The FID Inception-v3: TF's 2015-12-05 graph under torchvision's module names (the weights
+# load by name). `_same` builds TF's 'SAME' convs, BasicConv2d alone the 'VALID' ones; /2: stride 2.
 class BasicConv2d(nn.Module):
     """conv (no bias) -> BatchNorm (eps 1e-3) -> ReLU; `fold()` merges the BN into the conv."""
 
@@ -105,7 +95,7 @@ class BasicConv2d(nn.Module):
 
     @torch.no_grad()
     def fold(self):
-        """For inference: the conv takes the BN's affine map, computed in float64,
+        """For inference the conv takes the BN's affine map, computed in float64:
         s = gamma / sqrt(var + eps), w' = w * s, b' = beta - mean * s."""
         bn = self.bn
         w = self.conv.weight
@@ -116,18 +106,23 @@ class BasicConv2d(nn.Module):
         self.bn = nn.Identity()
 
 
-def _pool3x3_same(x, kind):
-    """A 3x3 stride-1 'SAME' pool, "avg" or "max". TF's average divides by the number of
-    real pixels under the window, not 9, at the borders."""
+def _same(cin, cout, kh, kw=None):
+    """A stride-1 BasicConv2d with a kh x kw kernel (kw = kh by default), padded as TF's 'SAME'."""
+    kw = kw or kh
+    return BasicConv2d(cin, cout, (kh, kw), padding=(kh // 2, kw // 2))
+
+
+def _pool3x3(x, kind="avg"):
+    """A 3x3 stride-1 'SAME' pool, "max" or "avg" (TF's divides by the real pixels, not by 9)."""
     if kind == "max":
         return F.max_pool2d(x, 3, stride=1, padding=1)
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-def _chain(x, *convs):
-    """One branch of a block: x through each conv in turn."""
-    for conv in convs:
-        x = conv(x)
+def _chain(x, *layers):
+    """x through each layer in turn: one branch of a block, or a stretch of the network."""
+    for layer in layers:
+        x = layer(x)
     return x
 
 
@@ -136,20 +131,18 @@ class InceptionA(nn.Module):
 
     def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
-        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+        self.branch1x1 = _same(cin, 64, 1)
+        self.branch5x5_1 = _same(cin, 48, 1)
+        self.branch5x5_2 = _same(48, 64, 5)
+        self.branch3x3dbl_1 = _same(cin, 64, 1)
+        self.branch3x3dbl_2 = _same(64, 96, 3)
+        self.branch3x3dbl_3 = _same(96, 96, 3)
+        self.branch_pool = _same(cin, pool_features, 1)
 
     def forward(self, x):
-        a = self.branch1x1(x)
         b = self.branch5x5_2(self.branch5x5_1(x))
         c = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
-        d = self.branch_pool(_pool3x3_same(x, "avg"))
-        return torch.cat([a, b, c, d], dim=1)
+        return torch.cat([self.branch1x1(x), b, c, self.branch_pool(_pool3x3(x))], dim=1)
 
 
 class InceptionB(nn.Module):
@@ -158,15 +151,13 @@ class InceptionB(nn.Module):
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_1 = _same(cin, 64, 1)
+        self.branch3x3dbl_2 = _same(64, 96, 3)
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def forward(self, x):
-        a = self.branch3x3(x)
         b = _chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3)
-        c = F.max_pool2d(x, 3, stride=2)
-        return torch.cat([a, b, c], dim=1)
+        return torch.cat([self.branch3x3(x), b, F.max_pool2d(x, 3, stride=2)], dim=1)
 
 
 class InceptionC(nn.Module):
@@ -174,24 +165,22 @@ class InceptionC(nn.Module):
 
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+        self.branch1x1 = _same(cin, 192, 1)
+        self.branch7x7_1 = _same(cin, c7, 1)
+        self.branch7x7_2 = _same(c7, c7, 1, 7)
+        self.branch7x7_3 = _same(c7, 192, 7, 1)
+        self.branch7x7dbl_1 = _same(cin, c7, 1)
+        self.branch7x7dbl_2 = _same(c7, c7, 7, 1)
+        self.branch7x7dbl_3 = _same(c7, c7, 1, 7)
+        self.branch7x7dbl_4 = _same(c7, c7, 7, 1)
+        self.branch7x7dbl_5 = _same(c7, 192, 1, 7)
+        self.branch_pool = _same(cin, 192, 1)
 
     def forward(self, x):
-        a = self.branch1x1(x)
         b = _chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3)
         c = _chain(x, self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
                    self.branch7x7dbl_4, self.branch7x7dbl_5)
-        d = self.branch_pool(_pool3x3_same(x, "avg"))
-        return torch.cat([a, b, c, d], dim=1)
+        return torch.cat([self.branch1x1(x), b, c, self.branch_pool(_pool3x3(x))], dim=1)
 
 
 class InceptionD(nn.Module):
@@ -199,19 +188,18 @@ class InceptionD(nn.Module):
 
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_1 = _same(cin, 192, 1)
         self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_1 = _same(cin, 192, 1)
+        self.branch7x7x3_2 = _same(192, 192, 1, 7)
+        self.branch7x7x3_3 = _same(192, 192, 7, 1)
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
 
     def forward(self, x):
         a = self.branch3x3_2(self.branch3x3_1(x))
         b = _chain(x, self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
                    self.branch7x7x3_4)
-        c = F.max_pool2d(x, 3, stride=2)
-        return torch.cat([a, b, c], dim=1)
+        return torch.cat([a, b, F.max_pool2d(x, 3, stride=2)], dim=1)
 
 
 class InceptionE(nn.Module):
@@ -221,37 +209,34 @@ class InceptionE(nn.Module):
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+        self.branch1x1 = _same(cin, 320, 1)
+        self.branch3x3_1 = _same(cin, 384, 1)
+        self.branch3x3_2a = _same(384, 384, 1, 3)
+        self.branch3x3_2b = _same(384, 384, 3, 1)
+        self.branch3x3dbl_1 = _same(cin, 448, 1)
+        self.branch3x3dbl_2 = _same(448, 384, 3)
+        self.branch3x3dbl_3a = _same(384, 384, 1, 3)
+        self.branch3x3dbl_3b = _same(384, 384, 3, 1)
+        self.branch_pool = _same(cin, 192, 1)
 
     def forward(self, x):
         b = self.branch3x3_1(x)
         c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = self.branch_pool(_pool3x3_same(x, self.pool))
+        d = self.branch_pool(_pool3x3(x, self.pool))
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b), self.branch3x3_2b(b),
                           self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c), d], dim=1)
 
 
 class InceptionV3(nn.Module):
-    """The FID Inception-v3, with random weights (He-normal convs, identity BatchNorms)
-    until `load_inception` reads the real ones."""
+    """The FID Inception-v3; random weights (He-normal convs, identity BatchNorms) until loaded."""
 
     def __init__(self):
         super().__init__()
-        # the stem, 299 -> 35
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_2b_3x3 = _same(32, 64, 3)
         self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
         self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
-        # the mixed blocks, 35 -> 17 -> 8
         self.Mixed_5b = InceptionA(192, pool_features=32)
         self.Mixed_5c = InceptionA(256, pool_features=64)
         self.Mixed_5d = InceptionA(288, pool_features=64)
@@ -280,48 +265,35 @@ class InceptionV3(nn.Module):
         pool (B, 2048), pool_3: the 8x8 average of Mixed_7c, for FID and precision/recall;
         logits (B, 1008) = pool @ fc.weight^T without the bias, TF's `softmax/logits/MatMul`
             that ADM's evaluator reads, for the Inception Score;
-        spatial (B, 2023) for sFID: the evaluator's `mixed_6/conv`[..., :7] in H, W, C order.
-            TF's mixed_6 is Mixed_6d and its `conv` the 1x1 branch, the first 192 channels."""
+        spatial (B, 2023) for sFID: the evaluator's `mixed_6/conv`[..., :7] in H, W, C order
+            (TF's mixed_6 is Mixed_6d, its `conv` the 1x1 branch, the first 192 channels)."""
         if x.ndim != 4 or x.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
-            shape = tuple(x.shape)
-            raise ValueError(f"InceptionV3.features: need (B, 3, 299, 299), got {shape}")
-        x = self.Conv2d_1a_3x3(x)  # (B, 32, 149, 149)
-        x = self.Conv2d_2a_3x3(x)
-        x = self.Conv2d_2b_3x3(x)  # (B, 64, 147, 147)
+            raise ValueError(f"InceptionV3.features: need (B, 3, 299, 299), got {tuple(x.shape)}")
+        # the stem: (B, 32, 149, 149), (B, 64, 147, 147), pool, (B, 192, 71, 71), pool
+        x = _chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)
+        x = _chain(F.max_pool2d(x, 3, stride=2), self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)
         x = F.max_pool2d(x, 3, stride=2)
-        x = self.Conv2d_3b_1x1(x)
-        x = self.Conv2d_4a_3x3(x)  # (B, 192, 71, 71)
-        x = F.max_pool2d(x, 3, stride=2)
-        x = self.Mixed_5b(x)
-        x = self.Mixed_5c(x)
-        x = self.Mixed_5d(x)  # (B, 288, 35, 35)
-        x = self.Mixed_6a(x)
-        x = self.Mixed_6b(x)
-        x = self.Mixed_6c(x)
-        x = self.Mixed_6d(x)  # (B, 768, 17, 17)
+        # (B, 288, 35, 35) after Mixed_5d, (B, 768, 17, 17) after Mixed_6a..6e
+        x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a)
+        x = _chain(x, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d)
         # sFID's tap: the 1x1 branch's first 7 channels, flattened as TF's NHWC
         spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)
-        x = self.Mixed_6e(x)
-        x = self.Mixed_7a(x)
-        x = self.Mixed_7b(x)
-        x = self.Mixed_7c(x)  # (B, 2048, 8, 8)
+        # (B, 2048, 8, 8) after Mixed_7c, then its 8x8 average
+        x = _chain(x, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)
         pool = x.mean(dim=(2, 3))
-        logits = F.linear(pool, self.fc.weight)
-        return pool, logits, spatial
+        return pool, F.linear(pool, self.fc.weight), spatial
 
 
 def load_inception(path, fold=True):
-    """FID Inception weights (torchvision's key names) -> InceptionV3 in eval mode, each
-    BatchNorm folded into its conv unless fold=False. Every key and shape is checked
-    first, so another Inception checkpoint is refused in one line."""
+    """FID Inception weights (torchvision's key names) -> InceptionV3, eval mode, BatchNorms folded
+    unless fold=False. Keys and shapes are checked first: another Inception is refused in a line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; download {FID_WEIGHTS_URL}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise ValueError(f"{path}: not a torch checkpoint") from None
-    tensors = isinstance(sd, dict) and all(torch.is_tensor(v) for v in sd.values())
-    if not tensors:
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     model = InceptionV3()
     want = model.state_dict()
@@ -335,8 +307,7 @@ def load_inception(path, fold=True):
         raise ValueError(f"{path}: not the FID weights{hint}; {keys}")
     for k, v in sd.items():
         if v.shape != want[k].shape:
-            shapes = f"{tuple(v.shape)}, not {tuple(want[k].shape)}"
-            raise ValueError(f"{path}: {k} has shape {shapes}")
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not {tuple(want[k].shape)}")
     model.load_state_dict(sd, strict=False)
     if fold:
         for m in model.modules():
@@ -345,9 +316,7 @@ def load_inception(path, fold=True):
     return model.eval().requires_grad_(False)
 
 
-# -----------------------------------------------------------------------------
-# Preprocessing: 0..255 images -> the graph's input, by either protocol.
-
+# ---- Preprocessing: 0..255 images -> the graph's input, by either protocol.
 def preprocess(images, protocol="adm"):
     """Images (B, 3, H, W) valued 0..255 -> (B, 3, 299, 299) in [-1, 1]:
     "adm": x -> (tf_resize(x) - 128) / 128, as ADM's evaluator feeds TF's graph;
@@ -368,38 +337,35 @@ def _torch_resize(x):
 
 
 def tf_bilinear_resize(images, size):
-    """TF1's legacy `ResizeBilinear` of float images (B, C, H, W) to size (int or (h, w)):
-    align_corners=False, half_pixel_centers=False, no antialiasing. Output pixel i reads
-    s = i * (in / out) (float32) from floor(s) and floor(s) + 1, along x, then along y:
-    a row [0, 10, 20] resized to 5 reads s = 0, 0.6, 1.2, 1.8, 2.4 -> 0, 6, 12, 18, 20."""
+    """TF1's legacy `ResizeBilinear` of float images (B, C, H, W) to size (int or (h, w)), without
+    align_corners, half_pixel_centers or antialiasing: output pixel i reads s = i * (in / out)
+    (float32) from floor(s) and floor(s) + 1, along x, then along y. [0, 10, 20] to 5 reads
+    s = 0, 0.6, 1.2, 1.8, 2.4 -> 0, 6, 12, 18, 20."""
     if images.ndim != 4 or not images.is_floating_point():
         raise ValueError(f"tf_bilinear_resize: need float (B, C, H, W), got {images.dtype}")
     if isinstance(size, int):
         size = (size, size)
     y0, y1, wy = _tf_taps(images.shape[2], size[0], images)
     x0, x1, wx = _tf_taps(images.shape[3], size[1], images)
-    # interpolate along x within the source rows, then along y between them
+    # along x within the source rows, (B, C, H, w), then along y between them, (B, C, h, w)
     left = images[..., x0]
-    rows = left + (images[..., x1] - left) * wx  # (B, C, H, w)
+    rows = left + (images[..., x1] - left) * wx
     top = rows[..., y0, :]
-    return top + (rows[..., y1, :] - top) * wy[:, None]  # (B, C, h, w)
+    return top + (rows[..., y1, :] - top) * wy[:, None]
 
 
 def _tf_taps(n_in, n_out, like):
-    """One axis of TF's resize: the source pixels lo = floor(s), hi = min(lo + 1, in - 1)
-    of each output pixel and the weight s - lo of hi, for s = i * (in / out) in float32
-    (TF's scale, computed once in float32 and then multiplied)."""
+    """One axis of TF's resize: for each output pixel i, s = i * (in / out) in float32 (TF's
+    scale, then a product), its source pixels lo = floor(s), hi = min(lo + 1, in - 1) and hi's
+    weight s - lo."""
     scale = torch.tensor(n_in, dtype=torch.float32) / n_out
     s = torch.arange(n_out, dtype=torch.float32) * scale
     lo = s.floor().long()
     hi = (lo + 1).clamp(max=n_in - 1)
-    weight = (s - lo).to(like)
-    return lo.to(like.device), hi.to(like.device), weight
+    return lo.to(like.device), hi.to(like.device), (s - lo).to(like)
 
 
-# -----------------------------------------------------------------------------
-# Metrics: statistics, Fréchet distance, Inception Score, precision and recall.
-
+# ---- Metrics: statistics, Fréchet distance, Inception Score, precision and recall.
 def statistics(features):
     """(N, D) features -> float64 mean (D,) and unbiased covariance (D, D)."""
     f = features.cpu() if torch.is_tensor(features) else features
@@ -410,17 +376,14 @@ def statistics(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), the Fréchet distance of two
-    Gaussians, clamped at 0, in float64 as ADM's evaluator: scipy's sqrtm; eps added to
-    both diagonals only if the root is not finite; an imaginary diagonal over 1e-3 is an
-    error, a smaller imaginary part is dropped."""
-    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
-    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
-    s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-    s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), the Fréchet distance of two Gaussians,
+    clamped at 0, in float64 as ADM's evaluator: scipy's sqrtm; eps added to both diagonals only
+    if the root is not finite; an imaginary diagonal over 1e-3 is an error, less is dropped."""
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, np.float64)) for m in (mu1, mu2))
+    s1, s2 = (np.atleast_2d(np.asarray(s, np.float64)) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        got = f"mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}"
-        raise ValueError(f"frechet_distance: shapes differ: {got}")
+        got = f"{mu1.shape} {s1.shape}, {mu2.shape} {s2.shape}"
+        raise ValueError(f"frechet_distance: mu, sigma shapes differ: {got}")
     # with fewer samples than dimensions the product is singular (ADM: disp=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
@@ -439,32 +402,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(logits, split_size=IS_SPLIT_SIZE):
-    """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean p(y|x), averaged over consecutive
-    splits of `split_size` images (the last may be shorter, as in ADM)."""
+    """exp(E_x KL(p(y|x) || p(y))) with p(y) the mean p(y|x), averaged over consecutive splits
+    of `split_size` images (the last may be shorter, as in ADM)."""
     logits = torch.as_tensor(logits)
     if logits.ndim != 2 or len(logits) == 0:
-        shape = tuple(logits.shape)
-        raise ValueError(f"inception_score: need (N > 0, C) logits, got {shape}")
-    logp = torch.log_softmax(logits.double().cpu(), dim=1)  # (N, C)
+        raise ValueError(f"inception_score: need (N > 0, C) logits, got {tuple(logits.shape)}")
+    # log p(y|x), (N, C); per split, log p(y) (C,), the log of its mean p(y|x), and the KLs (n,)
+    logp = torch.log_softmax(logits.double().cpu(), dim=1)
     scores = []
     for part in logp.split(split_size):
-        # log p(y), the log of the split's mean p(y|x): (C,)
         log_py = torch.logsumexp(part, 0) - math.log(len(part))
-        kl = (part.exp() * (part - log_py)).sum(1)  # (n,)
+        kl = (part.exp() * (part - log_py)).sum(1)
         scores.append(kl.mean().exp().item())
     return float(np.mean(scores))
 
 
 def _sq_dists(a, b):
-    """Squared distances (len(a), len(b)) as |a|^2 - 2ab + |b|^2, clamped at 0: one
-    matmul, in float32 as ADM's evaluator."""
+    """Squared distances (len(a), len(b)), |a|^2 - 2ab + |b|^2 clamped at 0: one matmul, as ADM."""
     d = (a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]
     return d.clamp_(min=0)
 
 
 def _kth_radii(f, k, block):
-    """Squared distance from each row of f (N, D) to its k-th nearest other row (the
-    row itself is the 0-th), one (block, N) slab of distances at a time."""
+    """Squared distance from each row of f (N, D) to its k-th nearest other row, by blocks."""
     radii = []
     for i in range(0, len(f), block):
         d = _sq_dists(f[i:i + block], f)
@@ -474,10 +434,9 @@ def _kth_radii(f, k, block):
 
 @_no_tf32()
 def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=None):
-    """Improved precision and recall (Kynkäänniemi et al. 2019, as ADM's evaluator). A
-    set's manifold is the union of balls around its features, each reaching the k-th
-    nearest neighbour; precision is the share of GEN's features inside REF's manifold,
-    recall the share of REF's inside GEN's. Distances in float32, TF32 off."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019, as ADM's evaluator), distances in
+    float32, TF32 off. A set's manifold is the union of balls around its features, each reaching
+    the k-th nearest neighbour; precision: GEN's share inside REF's manifold, recall: conversely."""
     ref = torch.as_tensor(ref_features, dtype=torch.float32, device=device)
     gen = torch.as_tensor(gen_features, dtype=torch.float32, device=device)
     if ref.ndim != 2 or ref.shape[1:] != gen.shape[1:]:
@@ -487,41 +446,35 @@ def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=
         raise ValueError(f"precision_recall: need more than k={k} features per set")
     r_ref = _kth_radii(ref, k, block)
     r_gen = _kth_radii(gen, k, block)
-    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
-    gen_in = torch.zeros(len(gen), dtype=torch.bool, device=ref.device)
-    # a GEN feature is in REF's manifold if it lies in some REF ball, and conversely
+    ref_in = torch.zeros_like(r_ref, dtype=torch.bool)
+    gen_in = torch.zeros_like(r_gen, dtype=torch.bool)
+    # a GEN feature is in REF's manifold if in some REF ball, and conversely; d: a block^2 tile
     for i in range(0, len(ref), block):
         for j in range(0, len(gen), block):
-            d = _sq_dists(ref[i:i + block], gen[j:j + block])  # (block, block)
+            d = _sq_dists(ref[i:i + block], gen[j:j + block])
             gen_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
             ref_in[i:i + block] |= (d <= r_gen[None, j:j + block]).any(1)
-    precision = gen_in.double().mean().item()
-    recall = ref_in.double().mean().item()
-    return precision, recall
+    return gen_in.double().mean().item(), ref_in.double().mean().item()
 
 
-# -----------------------------------------------------------------------------
-# Inputs: a folder of images, or an npz of images (`arr_0`) and/or statistics.
-
+# ---- Inputs: a folder of images, or an npz of images (`arr_0`) and/or statistics.
 class ImageFiles(torch.utils.data.Dataset):
-    """The images under a folder (recursive, sorted) as uint8 (3, H, W). With image_size,
-    ADM's centre crop first brings each to image_size x image_size, as ADM made its
-    reference batches from ImageNet (None: as stored)."""
+    """The images under a folder (recursive, sorted) as uint8 (3, H, W), brought to image_size by
+    ADM's centre crop first, as ADM made its ImageNet reference batches (None: as stored)."""
 
     def __init__(self, root, image_size=None):
         files = sorted(Path(root).rglob("*"))
         self.files = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
         self.image_size = image_size
         if not self.files:
-            exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"{root}: no images found ({exts})")
+            raise ValueError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        """Image i, or a one-line error (a string) when it cannot be read: a loader
-        worker passes it on, and every rank stops with it (see extract_features)."""
+        """Image i, or a one-line error (a string) when it cannot be read: a loader worker passes
+        it on, and every rank stops with it (see extract_features)."""
         try:
             with Image.open(self.files[i]) as im:
                 im = im.convert("RGB")
@@ -544,20 +497,18 @@ class ArrayImages(torch.utils.data.Dataset):
         return len(self.array)
 
     def __getitem__(self, i):
-        image = np.array(self.array[i])
-        return torch.from_numpy(image).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
 
 
 def _npz_member(path, name):
-    """The array `name` of an npz, or None if absent. np.savez stores it uncompressed:
-    then it is memory-mapped (50k 256x256 samples are 9.8 GB), otherwise loaded."""
+    """The array `name` of an npz, or None if absent. np.savez stores it uncompressed: then it is
+    memory-mapped (50k 256x256 samples are 9.8 GB), otherwise loaded."""
     with zipfile.ZipFile(path) as zf:
         if name + ".npy" not in zf.namelist():
             return None
         info = zf.getinfo(name + ".npy")
-    array = None
-    if info.compress_type == zipfile.ZIP_STORED:
-        array = _memmap_npy(path, info.header_offset)
+    stored = info.compress_type == zipfile.ZIP_STORED
+    array = _memmap_npy(path, info.header_offset) if stored else None
     if array is None:
         with np.load(path) as data:
             array = data[name]
@@ -565,8 +516,8 @@ def _npz_member(path, name):
 
 
 def _memmap_npy(path, offset):
-    """The .npy of the zip member whose local header starts at `offset`, memory-mapped;
-    None for a format version, dtype or layout that cannot be mapped."""
+    """The .npy of the zip member whose local header starts at `offset`, memory-mapped; None for
+    a format version, dtype or layout that cannot be mapped."""
     fmt = np.lib.format
     with open(path, "rb") as f:
         # a zip local header is 30 bytes, the last 4 the name's and extra field's lengths
@@ -574,12 +525,10 @@ def _memmap_npy(path, offset):
         name_len, extra_len = struct.unpack("<HH", f.read(4))
         f.seek(offset + 30 + name_len + extra_len)
         version = fmt.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = fmt.read_array_header_2_0(f)
-        else:
+        if version not in ((1, 0), (2, 0)):
             return None
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
         start = f.tell()
     if dtype.hasobject or fortran:
         return None
@@ -587,10 +536,9 @@ def _memmap_npy(path, offset):
 
 
 def open_source(path, image_size=None):
-    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, its stored float64
-    statistics or None). A folder's images are ADM-centre-cropped to image_size. An
-    npz holds arr_0 and/or the statistics mu, sigma (FID) and maybe mu_s, sigma_s (sFID)
-    at their dimensions, checked here with a one-line error."""
+    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, its stored float64 statistics
+    or None). A folder's images are ADM-centre-cropped to image_size. An npz holds arr_0 and/or
+    the statistics mu, sigma (FID) and maybe mu_s, sigma_s (sFID), their dimensions checked."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
@@ -598,7 +546,6 @@ def open_source(path, image_size=None):
         return ImageFiles(path, image_size), None
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected a folder of images or an .npz")
-    # the images (memory-mapped where stored) and the statistics, in float64
     try:
         arr = _npz_member(path, "arr_0")
         with np.load(path) as data:
@@ -607,31 +554,22 @@ def open_source(path, image_size=None):
     except (zipfile.BadZipFile, OSError, ValueError):
         raise ValueError(f"{path}: not a readable npz") from None
     if arr is not None:
-        rgb = arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3
-        if not rgb or len(arr) == 0:
-            got = f"{arr.dtype} {arr.shape}"
-            raise ValueError(f"{path}: arr_0 is {got}, not uint8 NHWC RGB")
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
+            raise ValueError(f"{path}: arr_0 is {arr.dtype} {arr.shape}, not uint8 NHWC RGB")
     complete = sorted(stats) in (["mu", "sigma"], sorted(STAT_KEYS))
     if (arr is None and not stats) or (stats and not complete):
-        expected = "arr_0 and/or mu, sigma[, mu_s, sigma_s]"
-        raise ValueError(f"{path}: expected {expected}; found {keys}")
+        raise ValueError(f"{path}: expected arr_0 and/or mu, sigma[, mu_s, sigma_s]; found {keys}")
     for mu, sigma, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
-        if mu not in stats:
-            continue
-        shapes = (stats[mu].shape, stats[sigma].shape)
-        if shapes != ((d,), (d, d)):
-            got = f"{mu} {shapes[0]}, {sigma} {shapes[1]}"
+        if mu in stats and (stats[mu].shape, stats[sigma].shape) != ((d,), (d, d)):
+            got = f"{mu} {stats[mu].shape}, {sigma} {stats[sigma].shape}"
             raise ValueError(f"{path}: {got}; expected D = {d}")
-    images = None if arr is None else ArrayImages(arr)
-    return images, stats or None
+    return None if arr is None else ArrayImages(arr), stats or None
 
 
-# -----------------------------------------------------------------------------
-# Feature extraction (in one process or split across torchrun ranks), evaluation.
-
+# ---- Feature extraction (in one process or split across torchrun ranks), evaluation.
 def _collate(items):
-    """uint8 (3, H, W) images -> [one batch], or one batch per image when their sizes
-    differ (each is then resized alone); an error string from ImageFiles is passed on."""
+    """uint8 (3, H, W) images -> [one batch], or one batch per image when their sizes differ
+    (each is then resized alone); an error string from ImageFiles is passed on."""
     for t in items:
         if isinstance(t, str):
             return t
@@ -641,20 +579,19 @@ def _collate(items):
 
 
 def _gather(feats, error, per_rank, n):
-    """Each rank's features, zero-padded to per_rank rows -> all n rows, on every rank.
-    The ranks first agree whether any failed: then all raise (the failing rank's own
-    message, the others a generic one) instead of waiting in all_gather."""
+    """Each rank's features, zero-padded to per_rank rows -> all n rows, on every rank. If one
+    failed, all raise (its own message, the others a generic one), not wait in all_gather."""
     failed = torch.tensor([float(bool(error))], device=feats[0].device)
     dist.all_reduce(failed)
     if failed.item():
         raise ValueError(error or "feature extraction failed on another rank")
     world = dist.get_world_size()
     gathered = []
+    # rank order is dataset order; the last rank's padding is dropped
     for f in feats:
         pad = f.new_zeros(per_rank - len(f), f.shape[1])
         parts = [f.new_empty(per_rank, f.shape[1]) for _ in range(world)]
         dist.all_gather(parts, torch.cat([f, pad]))
-        # rank order is dataset order; the last rank's padding is dropped
         gathered.append(torch.cat(parts)[:n])
     return gathered
 
@@ -663,10 +600,9 @@ def _gather(feats, error, per_rank, n):
 @_no_tf32()
 def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
                      progress=True, protocol="adm"):
-    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023):
-    float32 numpy arrays in dataset order, computed with TF32 off whatever the caller's
-    setting. Under torch.distributed each rank encodes one contiguous slice and all
-    receive the gathered features."""
+    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023): float32
+    numpy arrays in dataset order, computed with TF32 off whatever the caller's setting. Under
+    torch.distributed each rank encodes one contiguous slice and all get the gathered features."""
     ddp = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
@@ -675,29 +611,25 @@ def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
     # rank r encodes images [r * per_rank, (r + 1) * per_rank), per_rank = ceil(n / world)
     per_rank = -(-n // world)
     first = min(n, rank * per_rank)
-    last = min(n, first + per_rank)
-    part = torch.utils.data.Subset(dataset, range(first, last))
+    part = torch.utils.data.Subset(dataset, range(first, min(n, first + per_rank)))
+    # an array, maybe a memory map, is read in this process
     if isinstance(dataset, ArrayImages):
-        # an array, maybe a memory map, is read in this process
         num_workers = 0
-    loader = torch.utils.data.DataLoader(
-        part, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-        pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(part, batch_size, num_workers=num_workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
     model = model.to(device).to(memory_format=torch.channels_last)
     outs = []
     error = ""
-    show = progress and rank == 0
-    for batch in tqdm(loader, desc="inception", unit="batch", disable=not show):
+    for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress or rank > 0):
         if isinstance(batch, str):
             error = batch
             break
-        x = [preprocess(t.to(device, non_blocking=True), protocol) for t in batch]
         # (B, 3, 299, 299), channels-last as the model: cuDNN's faster layout
+        x = [preprocess(t.to(device, non_blocking=True), protocol) for t in batch]
         x = torch.cat(x).contiguous(memory_format=torch.channels_last)
         outs.append([f.float() for f in model.features(x)])
     # a rank may get no images (fewer than ranks) or fail at once: empty features
-    dims = (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)
-    feats = [torch.zeros(0, d, device=device) for d in dims]
+    feats = [torch.zeros(0, d, device=device) for d in (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)]
     if outs:
         feats = [torch.cat(f) for f in zip(*outs)]
     if world > 1:
@@ -709,11 +641,9 @@ def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
 
 def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50,
                   device="cpu", num_workers=0, progress=True, image_size=None):
-    """REF/GEN path -> a dict for `evaluate`, reusable for several GENs: protocol; stats
-    and stats_s, each (mean, covariance) or None; pool and logits, arrays or None.
-    stats="stored" takes an npz's stored statistics, as ADM's evaluator, "images"
-    recomputes them. A folder's images are ADM-centre-cropped to image_size first
-    (None: as stored)."""
+    """REF/GEN path -> a dict for `evaluate`, reusable for several GENs: protocol; stats, stats_s,
+    each (mean, covariance) or None; pool and logits, arrays or None. stats="stored" takes an npz's
+    stored statistics, as ADM's evaluator, "images" recomputes them. Folders: see open_source."""
     if stats not in ("stored", "images"):
         raise ValueError(f"load_features: stats is 'stored' or 'images', not {stats!r}")
     images, stored = open_source(source, image_size)
@@ -726,26 +656,22 @@ def load_features(source, model=None, protocol="adm", stats="stored", batch_size
             out["stats_s"] = (stored["mu_s"], stored["sigma_s"])
     if images is None:
         return out
-    # the images' features; their statistics unless stored ones were taken
     pool, logits, spatial = extract_features(
         model, images, batch_size=batch_size, device=device, num_workers=num_workers,
         progress=progress, protocol=protocol)
-    out["pool"] = pool
-    out["logits"] = logits
+    out.update(pool=pool, logits=logits)
     if out["stats"] is None:
-        out["stats"] = statistics(pool)
-        out["stats_s"] = statistics(spatial)
+        out.update(stats=statistics(pool), stats_s=statistics(spatial))
     return out
 
 
 def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_size=50,
              device="cpu", num_workers=0, progress=True, image_size=None):
     """REF, GEN (paths or `load_features` dicts) -> {fid; where they apply: sfid (spatial
-    statistics on both sides), inception_score (GEN's images), precision and recall
-    (images on both sides); num_ref, num_gen}. ref_stats is REF's `stats` choice."""
-    kw = dict(
-        protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers,
-        progress=progress, image_size=image_size)
+    statistics on both sides), inception_score (GEN's images), precision and recall (images on
+    both sides); num_ref, num_gen}. ref_stats is REF's `stats` choice."""
+    kw = dict(protocol=protocol, batch_size=batch_size, device=device, num_workers=num_workers,
+              progress=progress, image_size=image_size)
     if not isinstance(ref, dict):
         ref = load_features(ref, model, stats=ref_stats, **kw)
     if not isinstance(gen, dict):
@@ -753,25 +679,20 @@ def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_siz
     used = (ref["protocol"], gen["protocol"])
     if used != (protocol, protocol):
         raise ValueError(f"REF/GEN features use protocol {used}, not {protocol!r}")
-    # FID and sFID from the statistics, IS from GEN's logits, P/R from both pools
     out = dict(fid=frechet_distance(*gen["stats"], *ref["stats"]))
     if ref["stats_s"] is not None and gen["stats_s"] is not None:
         out["sfid"] = frechet_distance(*gen["stats_s"], *ref["stats_s"])
     if gen["logits"] is not None:
         out["inception_score"] = inception_score(gen["logits"])
     if ref["pool"] is not None and gen["pool"] is not None:
-        pr = precision_recall(ref["pool"], gen["pool"], device=device)
-        out["precision"], out["recall"] = pr
-    if ref["pool"] is not None:
-        out["num_ref"] = len(ref["pool"])
-    if gen["pool"] is not None:
-        out["num_gen"] = len(gen["pool"])
+        out["precision"], out["recall"] = precision_recall(ref["pool"], gen["pool"], device=device)
+    for key, side in (("num_ref", ref), ("num_gen", gen)):
+        if side["pool"] is not None:
+            out[key] = len(side["pool"])
     return out
 
 
-# -----------------------------------------------------------------------------
-# Command line.
-
+# ---- Command line.
 def main(argv=None):
     """The command line: returns 0, or 2 after a one-line error on bad input."""
     p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall.")
@@ -781,8 +702,7 @@ def main(argv=None):
     p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="adm: the paper's")
     p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
                    help="npz REF: FID from its stored statistics (ADM) or images")
-    p.add_argument("--image-size", type=int, default=256,
-                   help="folders: ADM's centre crop to this size (0: none)")
+    p.add_argument("--image-size", type=int, default=256, help="folders: ADM centre crop, 0: none")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", help="default: cuda:LOCAL_RANK, else cpu")
     p.add_argument("--num-workers", type=int, help="default: 0 on CPU, <= 8 on GPU")
@@ -790,7 +710,6 @@ def main(argv=None):
     p.add_argument("--json", help="also write the metrics to this file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-
     # under torchrun each rank takes the GPU of its LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", "1"))
     gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
@@ -805,15 +724,13 @@ def main(argv=None):
     workers = args.num_workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else 0
-    kw = dict(
-        protocol=args.protocol, batch_size=args.batch_size, device=device, num_workers=workers,
-        progress=not args.no_progress, image_size=args.image_size or None)
+    kw = dict(protocol=args.protocol, batch_size=args.batch_size, device=device,
+              num_workers=workers, progress=not args.no_progress, image_size=args.image_size or None)
     try:
         if args.batch_size < 1 or workers < 0 or args.image_size < 0:
             raise ValueError("--batch-size must be >= 1; --num-workers, --image-size >= 0")
         # the inputs are checked before the weights are read
-        sources = [args.ref] if args.save_stats else [args.ref, args.gen]
-        for source in sources:
+        for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
             open_source(source)
         model = load_inception(args.weights)
         if args.save_stats:
@@ -821,36 +738,29 @@ def main(argv=None):
         else:
             metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
         # at once, the process group left as is: torchrun then stops the other ranks
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
         return 0
-    # the outputs are written to a .tmp file first, then renamed: never half-written
     if args.save_stats:
         stats = dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"])))
-        with open(args.gen + ".tmp", "wb") as f:
-            np.savez(f, **stats)
-        os.replace(args.gen + ".tmp", args.gen)
-        crop = ""
-        if os.path.isdir(args.ref) and args.image_size:
-            crop = f", ADM centre crop to {args.image_size} px"
+        atomic_write(args.gen, lambda f: np.savez(f, **stats))
+        folder = os.path.isdir(args.ref) and args.image_size
+        crop = f", ADM centre crop to {args.image_size} px" if folder else ""
         print(f"saved statistics of {len(feats['pool'])} images{crop} to {args.gen}")
         return 0
     for key, name in METRIC_NAMES.items():
         if key in metrics:
             print(f"{name}: {metrics[key]}")
     if args.json:
-        record = dict(
-            metrics, ref=args.ref, gen=args.gen, protocol=args.protocol,
-            ref_stats=args.ref_stats, folder_image_size=args.image_size)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
+        save_json(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol,
+                       ref_stats=args.ref_stats, folder_image_size=args.image_size), args.json)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run_cli: under torchrun, a rank that only lost its peer says so in one line
+    sys.exit(run_cli(main, None))

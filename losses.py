@@ -2,47 +2,27 @@
 
     L = L1(x^, x) + w_p * LPIPS(x^, x) + w_d * lambda * (-D(aug(x^)))
 
-LPIPS compares VGG16 features (Zhang et al. 2018). D is a hinge discriminator on
-DiffAug'd images: RAE's heads on a frozen DINO ViT-S/8, or a PatchGAN needing no
-weights. lambda is VQGAN's adaptive weight. Weights are read from local files in
-their official layouts; a wrong file fails with one line naming it.
-"""
-
-import os
+LPIPS compares VGG16 features (Zhang et al. 2018). D is a hinge discriminator on DiffAug'd
+images: RAE's heads on a frozen DINO ViT-S/8, or a PatchGAN needing no weights. lambda is
+VQGAN's adaptive weight. Weights are read from local files in their official layouts; a wrong
+file fails with one line naming it."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from rae import Block, read_state_dict
+from rae import IMAGENET_MEAN, IMAGENET_STD, Block, load_weights, need_file, read_state_dict, rgb
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-LPIPS_LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity"
-                 "/raw/master/lpips/weights/v0.1/vgg.pth")
-DINO_S8_URL = ("https://dl.fbaipublicfiles.com/dino"
-               "/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth")
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+DINO_S8_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth"
 
 
-def need_file(path, what):
-    """A missing file fails at the edge, saying what was expected."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file; expected {what}")
-
-
-def rgb(values):
-    """Per-channel constants, shaped (1, 3, 1, 1) for images."""
-    return torch.tensor(values).view(1, 3, 1, 1)
-
-
-# -----------------------------------------------------------------------------
-# LPIPS: VGG16 features at five ReLUs, unit-normalised over channels; their
-# squared differences, weighted by learned 1x1 "lin" heads, are averaged over
-# space and summed over the five layers.
-
+# ---- LPIPS: VGG16 features at five ReLUs, unit-normalised over channels; their squared
+# differences, weighted by learned 1x1 "lin" heads, are averaged over space and summed.
 # torchvision's vgg16().features to relu5_3: conv widths, "M" a 2x2 max-pool
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
-             512, 512, 512, "M", 512, 512, 512]
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: their indices in the features
 VGG16_TAPS = (3, 8, 15, 22, 29)
 TAP_WIDTHS = (64, 128, 256, 512, 512)
@@ -71,8 +51,7 @@ class LPIPS(nn.Module):
                 layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU()]
                 c_in = c
         self.features = nn.Sequential(*layers)
-        lins = [nn.Conv2d(c, 1, 1, bias=False) for c in TAP_WIDTHS]
-        self.lins = nn.ModuleList(lins)
+        self.lins = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in TAP_WIDTHS])
         self.register_buffer("shift", rgb(LPIPS_SHIFT))
         self.register_buffer("scale", rgb(LPIPS_SCALE))
 
@@ -89,8 +68,7 @@ class LPIPS(nn.Module):
     def forward(self, a, b):
         dist = 0
         for fa, fb, lin in zip(self.taps(a), self.taps(b), self.lins):
-            d = (unit(fa) - unit(fb)).pow(2)  # (B, C, H, W)
-            dist = dist + lin(d).mean(dim=(1, 2, 3))  # (B,)
+            dist = dist + lin((unit(fa) - unit(fb)).pow(2)).mean(dim=(1, 2, 3))
         return dist
 
 
@@ -104,41 +82,33 @@ def load_lpips(vgg_path, lin_path):
     need_file(lin_path, f"--lpips-lin, {lin_what}")
     model = LPIPS()
     vgg = read_state_dict(vgg_path, vgg_what)
-    got = {k.removeprefix("features."): v for k, v in vgg.items()
-           if k.startswith("features.")}
-    try:  # strict: the same keys and shapes
-        model.features.load_state_dict(got)
+    vgg = {k.removeprefix("features."): v for k, v in vgg.items() if k.startswith("features.")}
+    try:
+        model.features.load_state_dict(vgg)
     except RuntimeError:
         raise ValueError(f"{vgg_path}: expected {vgg_what}") from None
     lin = read_state_dict(lin_path, lin_what)
     for i, conv in enumerate(model.lins):
-        key = f"lin{i}.model."
-        w = lin.get(key + "1.weight", lin.get(key + "0.weight"))
+        w = lin.get(f"lin{i}.model.1.weight", lin.get(f"lin{i}.model.0.weight"))
         if w is None or w.shape != conv.weight.shape:
             raise ValueError(f"{lin_path}: expected {lin_what}")
         conv.weight.data.copy_(w)
     return model.eval().requires_grad_(False)
 
 
-# -----------------------------------------------------------------------------
-# Discriminators. `dino` is RAE's: a frozen DINO (v1) ViT-S/8 whose patch tokens
-# after blocks 2, 5, 8, 11 and at the output feed five trainable 1-D conv heads,
-# one logit per token and head. `patch` is a PatchGAN that needs no weights.
-
-SLOPE = 0.2  # LeakyReLU's negative slope
+# ---- Discriminators. `dino` is RAE's: a frozen DINO (v1) ViT-S/8 whose patch tokens after
+# blocks 2, 5, 8, 11 and at the output feed five trainable 1-D conv heads, one logit per token
+# and head. `patch` is a PatchGAN that needs no weights.
+LEAKY_SLOPE = 0.2
 DINO_TAPS = (2, 5, 8, 11)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def conv_norm_act(channels, kernel):
     """On (B, C, L): a spectral-norm circular conv, a per-sample norm over
     tokens (RAE's BatchNormLocal with a virtual batch of 1) and a LeakyReLU."""
-    conv = nn.Conv1d(channels, channels, kernel,
-                     padding=kernel // 2, padding_mode="circular")
-    conv = spectral_norm(conv)
+    conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, padding_mode="circular")
     norm = nn.InstanceNorm1d(channels, eps=1e-6, affine=True)
-    return nn.Sequential(conv, norm, nn.LeakyReLU(SLOPE))
+    return nn.Sequential(spectral_norm(conv), norm, nn.LeakyReLU(LEAKY_SLOPE))
 
 
 class Residual(nn.Module):
@@ -155,7 +125,7 @@ class Residual(nn.Module):
 class DINOBackbone(nn.Module):
     """A DINO (v1) ViT with the official keys: images in [-1, 1], resized to
     grid * patch (224 for ViT-S/8) as in RAE -> patch tokens (B, C, L) at
-    the output, then after each block in `taps`."""
+    the output, then after each block in `taps`. Its heads are 64 wide."""
 
     def __init__(self, dim, depth, patch, grid, taps=DINO_TAPS):
         super().__init__()
@@ -165,25 +135,22 @@ class DINOBackbone(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid**2, dim))
-        heads = max(1, dim // 64)  # of width 64
-        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, max(1, dim // 64)) for _ in range(depth)])
         # in the checkpoint, unused: RAE reads the tokens before this norm
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.register_buffer("mean", rgb(IMAGENET_MEAN), persistent=False)
         self.register_buffer("std", rgb(IMAGENET_STD), persistent=False)
 
     def forward(self, x):
-        x = F.interpolate(x.float(), self.size, mode="bilinear",
-                          align_corners=False)
+        x = F.interpolate(x.float(), self.size, mode="bilinear", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, L, C)
-        cls = self.cls_token.expand(len(x), -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed  # (B, 1 + L, C)
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
         feats = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in self.taps:
-                feats.append(x[:, 1:].transpose(1, 2))  # (B, C, L)
+                feats.append(x[:, 1:].transpose(1, 2))
         return [x[:, 1:].transpose(1, 2)] + feats
 
 
@@ -193,20 +160,15 @@ def load_dino_backbone(path):
     need_file(path, f"--disc-encoder, {what}, or --disc patch")
     sd = read_state_dict(path, what)
     # DINO's training checkpoints prefix the keys: module., backbone.
-    sd = {k.removeprefix("module.").removeprefix("backbone."): v
-          for k, v in sd.items()}
-    proj = sd.get("patch_embed.proj.weight")  # (C, 3, patch, patch)
+    sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in sd.items()}
+    proj = sd.get("patch_embed.proj.weight")
     if proj is None or "pos_embed" not in sd:
         raise ValueError(f"{path}: expected {what}")
     blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
     grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    model = DINOBackbone(dim=proj.shape[0], depth=1 + max(blocks),
-                         patch=proj.shape[-1], grid=grid)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:  # e.g. DINOv2
-        raise ValueError(f"{path}: expected {what}; missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return model.eval().requires_grad_(False)
+    model = DINOBackbone(proj.shape[0], 1 + max(blocks), proj.shape[-1], grid)
+    # Another file (DINOv2, say) fails there, with its wrong keys.
+    return load_weights(model, sd, path, what)
 
 
 def drop_backbone(module, state_dict, prefix, local_metadata):
@@ -231,19 +193,16 @@ class DINODiscriminator(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.register_state_dict_post_hook(drop_backbone)
         self.register_load_state_dict_post_hook(allow_no_backbone)
-        width = backbone.patch_embed.proj.out_channels
+        C = backbone.patch_embed.proj.out_channels
         self.heads = nn.ModuleList()
         for _ in range(len(backbone.taps) + 1):
-            self.heads.append(nn.Sequential(
-                conv_norm_act(width, 1),
-                Residual(conv_norm_act(width, kernel)),
-                spectral_norm(nn.Conv1d(width, 1, 1))))
+            head = [conv_norm_act(C, 1), Residual(conv_norm_act(C, kernel))]
+            self.heads.append(nn.Sequential(*head, spectral_norm(nn.Conv1d(C, 1, 1))))
 
     def forward(self, x):
-        feats = self.backbone(x)  # [output, *taps], each (B, C, L)
+        feats = self.backbone(x)
         assert len(feats) == len(self.heads)
-        logits = [h(f).flatten(1) for h, f in zip(self.heads, feats)]
-        return torch.cat(logits, dim=1)  # (B, L * heads)
+        return torch.cat([h(f).flatten(1) for h, f in zip(self.heads, feats)], dim=1)
 
 
 class PatchDiscriminator(nn.Module):
@@ -256,87 +215,76 @@ class PatchDiscriminator(nn.Module):
         c_in = 3
         for k in range(layers):
             c = width * 2**k
-            conv = nn.Conv2d(c_in, c, 4, stride=2, padding=1)
-            mods.append(spectral_norm(conv))
+            mods.append(spectral_norm(nn.Conv2d(c_in, c, 4, stride=2, padding=1)))
             if k > 0:
                 mods.append(nn.GroupNorm(8, c))
-            mods.append(nn.LeakyReLU(SLOPE))
+            mods.append(nn.LeakyReLU(LEAKY_SLOPE))
             c_in = c
-        last = nn.Conv2d(c_in, 1, 3, padding=1)
-        self.net = nn.Sequential(*mods, spectral_norm(last))
+        self.net = nn.Sequential(*mods, spectral_norm(nn.Conv2d(c_in, 1, 3, padding=1)))
 
     def forward(self, x):
         return self.net(x.float()).flatten(1)
 
 
-# -----------------------------------------------------------------------------
-# RAE's DiffAug: a translation with zero fill, then brightness, saturation and
-# contrast jitter, from per-example uniforms u (B, 5) that the caller draws.
-
-TRANSLATION = 1 / 8  # the largest shift / the side
+# ---- RAE's DiffAug: a translation with zero fill (at most TRANSLATION of the side), then
+# brightness, saturation and contrast jitter, from per-example uniforms u (B, 5) the caller draws.
+TRANSLATION = 1 / 8
 
 
 def shifted_index(n, u):
     """Read indices (B, n) shifted by a t in [-d, d] drawn from u (B,),
     clamped into [0, n), and whether each was inside."""
     d = round(n * TRANSLATION)
-    t = (u * (2 * d + 1)).floor().long() - d  # (B,) in [-d, d]
-    i = torch.arange(n, device=u.device)[None] + t[:, None]  # (B, n)
+    t = (u * (2 * d + 1)).floor().long() - d
+    i = torch.arange(n, device=u.device)[None] + t[:, None]
     return i.clamp(0, n - 1), (i >= 0) & (i < n)
 
 
 def diff_augment(x, u):
-    """Images x (B, C, H, W) augmented with the uniforms u (B, 5)."""
+    """Images x (B, C, H, W) augmented with the uniforms u (B, 5): u[:, 0:2]
+    shift, then u[:, 2] brightness, u[:, 3] saturation, u[:, 4] contrast."""
     B, _, H, W = x.shape
     assert u.shape == (B, 5), u.shape
     # output pixel (i, j) reads input pixel (i + th, j + tw), zero outside
     ih, inside_h = shifted_index(H, u[:, 0])
     iw, inside_w = shifted_index(W, u[:, 1])
-    inside = inside_h[:, :, None] & inside_w[:, None, :]  # (B, H, W)
+    inside = inside_h[:, :, None] & inside_w[:, None, :]
     b = torch.arange(B, device=x.device)[:, None, None]
     x = x.permute(0, 2, 3, 1)[b, ih[:, :, None], iw[:, None, :]]
-    x = (x * inside[..., None]).permute(0, 3, 1, 2)  # (B, C, H, W)
-    s = u[:, :, None, None, None]  # (B, 5, 1, 1, 1)
-    x = x + (s[:, 2] - 0.5)  # brightness
+    x = (x * inside[..., None]).permute(0, 3, 1, 2)
+    s = u[:, :, None, None, None]
+    x = x + (s[:, 2] - 0.5)
     m = x.mean(1, keepdim=True)
-    x = (x - m) * (2 * s[:, 3]) + m  # saturation
+    x = (x - m) * (2 * s[:, 3]) + m
     m = x.mean((1, 2, 3), keepdim=True)
-    return (x - m) * (s[:, 4] + 0.5) + m  # contrast
+    return (x - m) * (s[:, 4] + 0.5) + m
 
 
-# -----------------------------------------------------------------------------
-# The losses
-
+# ---- The losses
 def hinge_d_loss(logits_real, logits_fake):
     """The discriminator's hinge loss."""
-    real = F.relu(1 - logits_real).mean()
-    fake = F.relu(1 + logits_fake).mean()
-    return 0.5 * (real + fake)
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
 
 
-def adaptive_weight(recon_loss, gan_loss, last_layer,
-                    average=lambda g: g, max_weight=1e4):
+def adaptive_weight(recon_loss, gan_loss, last_layer, average=lambda g: g, max_weight=1e4):
     """VQGAN / RAE: lambda = |grad recon| / |grad gan| at the last layer,
     clamped to [0, max_weight], detached. `average` (e.g. common.all_reduce_)
     first averages both gradients over the ranks: the global batch's lambda."""
     grads = [torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
              for loss in (recon_loss, gan_loss)]
-    g = average(torch.stack(grads))  # (2, *last_layer.shape)
-    ratio = g[0].norm() / (g[1].norm() + 1e-6)
-    return ratio.clamp(0, max_weight).detach()
+    g = average(torch.stack(grads))
+    return (g[0].norm() / (g[1].norm() + 1e-6)).clamp(0, max_weight).detach()
 
 
-def generator_loss(recon, x, lpips, perceptual_weight, disc=None,
-                   disc_weight=0.0, aug_u=None, last_layer=None,
-                   average=lambda g: g):
+def generator_loss(recon, x, lpips, perceptual_weight, disc=None, disc_weight=0.0,
+                   aug_u=None, last_layer=None, average=lambda g: g):
     """Eq. 7 on x^ = recon and x in [0, 1]: L1 + w_p * LPIPS, plus
     w_d * lambda * (-D(DiffAug(x^, aug_u))) when `disc` is given (lambda:
     adaptive_weight at last_layer). Returns (total, detached parts)."""
     l1 = (recon - x).abs().mean()
+    lp = l1.new_zeros(())
     if perceptual_weight > 0:
         lp = lpips(x * 2 - 1, recon * 2 - 1).mean()
-    else:
-        lp = l1.new_zeros(())
     total = l1 + perceptual_weight * lp
     parts = dict(l1=l1.detach(), lpips=lp.detach())
     if disc is not None:

@@ -1,17 +1,10 @@
 """The Semantic Representation Compressor and the compact space it makes (paper §3.2-3.4).
 
-A compressor C maps each normalized RAE token z_i in R^n (n = 768 for DINOv2-B) to a compact
-token in R^d (d = 32) from which the frozen RAE decoder D still rebuilds the image:
-
-    z_c~ = C_enc(z) in R^{N x d},    z^ = C_dec(z_c~) in R^{N x n}                      (eq. 4)
-
-COMPRESSORS maps train_src.py's --compressor to its class (the rows of the paper's Table 5):
-  src       the paper's SRC: L Transformer blocks at width n, then Linear n -> d; C_dec mirrors
-            it. Self-attention lets every compact token draw on the whole image.
-  linear    token-wise Linear n -> d and d -> n, trained with the same losses.
-  pca       fitted, not trained: the top-d principal directions of the normalized RAE tokens
-            (99.06% of the variance at d = 32, paper Fig. 3).
-  identity  no compression, d = n: the full-representation baseline (§3.1, Table 1).
+A compressor maps each normalized RAE token (n = 768) to a compact one (d = 32) from which the
+frozen RAE decoder D still rebuilds the image: z_c~ = C_enc(z), z^ = C_dec(z_c~) (eq. 4).
+COMPRESSORS holds the rows of the paper's Table 5: src (the paper's SRC: L Transformer blocks
+then Linear n -> d, mirrored), linear (token-wise), pca (fitted, not trained: 99.06% of the
+variance at d = 32) and identity (d = n, the full-representation baseline of Table 1).
 
 Stage1 then writes the compact space once, with E, the RAE statistics (eq. 1) and norm2:
 
@@ -75,12 +68,9 @@ class Compressor(nn.Module):
 
 
 class SRC(Compressor):
-    """C_enc (B, N, n) -> (B, N, d) and C_dec (B, N, d) -> (B, N, n), L blocks each (eq. 4).
-
-    The blocks are the DINOv2 encoder's pre-LN ViT blocks without LayerScale. Each side ends its
-    stack with a LayerNorm. On the decoder side it matches the target: an RAE token is a
-    LayerNorm output (without affine) standardised per channel, i.e. an affine map of a LayerNorm
-    output, which a LayerNorm with affine represents exactly.
+    """C_enc (B, N, n) -> (B, N, d) and C_dec (B, N, d) -> (B, N, n), L blocks each (eq. 4):
+    DINOv2's pre-LN ViT blocks without LayerScale, each stack ending in a LayerNorm. On the
+    decoder side that matches the target, an affine map of a LayerNorm output (an RAE token).
     """
     kind = "src"
 
@@ -88,8 +78,7 @@ class SRC(Compressor):
         super().__init__(n, d)
         num_heads = num_heads or max(1, n // 64)
         if depth < 0 or n % num_heads:
-            raise ValueError(f"SRC: need depth >= 0 (got {depth}) and a width n={n} divisible by "
-                             f"num_heads={num_heads}{' (not divisible)' if n % num_heads else ''}")
+            raise ValueError(f"SRC: depth={depth} < 0 or n={n} not divisible by heads={num_heads}")
         self.depth = depth
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
@@ -202,14 +191,10 @@ COMPRESSORS = {"src": SRC, "linear": Linear, "pca": PCA, "identity": Identity}
 
 
 # ---- The compact space: eq. 5, 7, 8, 10
-
 class Stage1(nn.Module):
-    """E and D with the RAE statistics (rae.RAE), a compressor C and the compact statistics norm2.
-
-    norm2 is the channel-wise standardisation of C_enc's output (eq. 5), written with the same
-    function as eq. 1: (x - mean2) / sqrt(var2 + eps2). Until train_src.py measures it at its
-    end, norm2 is the identity (mean 0, var 1, eps 0); eq. 7, which stage 1 trains, does not
-    use it.
+    """E and D with the RAE statistics (rae.RAE), a compressor C and the compact statistics norm2:
+    the channel-wise standardisation of C_enc's output (eq. 5), written as eq. 1 is. It is the
+    identity until train_src.py measures it at its end; eq. 7, which stage 1 trains, has none.
     """
 
     def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS):
@@ -267,70 +252,51 @@ class Stage1(nn.Module):
         return self.decode(z_c).float()
 
 
-def recorded_part(ckpt_path, what, flag, path, load, record):
-    """E or a released D of a stage-1 checkpoint: load(path), refused unless its config() and
+def recorded_part(ckpt_path, what, flag, file, load, record):
+    """E or a released D of a stage-1 checkpoint: load(file), refused unless its config() and
     its weights' fingerprint are the recorded ones (files written before fingerprints were
     recorded: config only)."""
-    if not path or not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: the {what} named by {ckpt_path} is missing; "
-                                f"pass {flag} PATH where it now lives")
-    model = load(path)
-    config = model.config()
-    if config != record["config"]:
-        raise UserError(f"{path}: {what} {config} differs from the one {ckpt_path} was trained "
+    if not file or not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: the {what} of {ckpt_path} is missing; pass {flag} PATH")
+    model = load(file)
+    if model.config() != record["config"]:
+        raise UserError(f"{file}: {what} {model.config()} is not the one {ckpt_path} was trained "
                         f"with ({record['config']})")
     recorded = record.get("fingerprint")
-    if recorded is not None and fingerprint(model) != recorded:
-        raise UserError(f"{path}: {what} weights (fingerprint {fingerprint(model)}) are not the "
-                        f"ones {ckpt_path} was trained with ({recorded}); pass {flag} with the "
-                        f"file stage 1 used")
+    found = fingerprint(model) if recorded is not None else None
+    if found != recorded:
+        raise UserError(f"{file}: {what} weights (fingerprint {found}) are not the ones "
+                        f"{ckpt_path} was trained with ({recorded}); pass {flag} with that file")
     return model
 
 
 def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), in eval mode.
-
-    The checkpoint records what it was built from, and exactly that is rebuilt or refused:
-      encoder     {kind, path, config, fingerprint}
-      decoder     {path, config, fingerprint, state, state_ema} (states when D was trained)
-      compressor  {kind, config, state, state_ema}
-      rae_stats   {mean, var};  norm2 {mean, var, eps} (no eps: written before it was stored,
-                  when norm2 divided by sqrt(var): eps 0 reproduces it)
-    E and a released D are read from their files, which may have moved: `encoder` and `decoder`
-    (the scripts' --encoder and --decoder) give their new paths.
+    The checkpoint records what it was built from, rebuilt here exactly or refused: encoder
+    {kind, path, config, fingerprint}, decoder {path, config, fingerprint, state, state_ema},
+    compressor {kind, config, state, state_ema}, rae_stats and norm2 {mean, var, eps}. E and a
+    released D are read from their files; `encoder`, `decoder` give their paths if they moved.
     """
     ckpt = load_checkpoint(path, "src")
     if "compressor" not in ckpt:
-        raise UserError(f"{path}: stage-1 checkpoint of an older layout (no 'compressor' "
-                        f"record); rerun train_src.py")
+        raise UserError(f"{path}: an older stage-1 layout (no 'compressor'); rerun train_src.py")
     norm2 = ckpt.get("norm2")
     if norm2 is None:
-        raise UserError(f"{path}: stage-1 run has no compact statistics norm2 yet (train_src.py "
-                        f"writes them when it stops); resume it with --resume --max-steps N")
+        raise UserError(f"{path}: no norm2 yet (train_src.py writes it when it stops); resume "
+                        f"it with --resume --max-steps N")
     enc = ckpt["encoder"]
     dec = ckpt["decoder"]
     comp = ckpt["compressor"]
-    E = recorded_part(
-        ckpt_path=path,
-        what="DINOv2 encoder",
-        flag="--encoder",
-        path=encoder or enc["path"],
-        load=load_dinov2,
-        record=enc,
-    )
-    if dec["state"] is not None:  # D was trained with C: its weights are in the checkpoint
+    E = recorded_part(path, "DINOv2 encoder", flag="--encoder", file=encoder or enc["path"],
+                      load=load_dinov2, record=enc)
+    # D trained with C: its weights are in the checkpoint; else RAE's released file
+    if dec["state"] is not None:
         D = RAEDecoder(**dec["config"])
         D.load_state_dict(dec["state_ema" if ema else "state"])
     else:
         heads = dec["config"].get("num_heads")
-        D = recorded_part(
-            ckpt_path=path,
-            what="RAE decoder",
-            flag="--decoder",
-            path=decoder or dec["path"],
-            load=lambda p: load_rae_decoder(p, num_heads=heads),
-            record=dec,
-        )
+        D = recorded_part(path, "RAE decoder", flag="--decoder", file=decoder or dec["path"],
+                          load=lambda p: load_rae_decoder(p, num_heads=heads), record=dec)
     rae = RAE(E, D, image_size=ckpt["image_size"])
     rae.set_stats(ckpt["rae_stats"]["mean"], ckpt["rae_stats"]["var"])
     if comp["kind"] not in COMPRESSORS:
@@ -338,7 +304,8 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
                         f"({', '.join(COMPRESSORS)}); a fork's compressor must be added there")
     C = COMPRESSORS[comp["kind"]](**comp["config"])
     C.load_state_dict(comp["state_ema" if ema else "state"])
-    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=norm2.get("eps", 0.0))
+    eps2 = norm2.get("eps", 0.0)  # older files: none stored, norm2 divided by sqrt(var)
+    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=eps2)
     stage1.image_size = int(ckpt["image_size"])
     stage1.num_classes = ckpt.get("num_classes")
     return stage1.to(device).eval().requires_grad_(False)

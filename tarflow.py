@@ -1,38 +1,28 @@
 """Transformer autoregressive affine flow (TARFlow) with SimFlow's upgrades: paper §2, eq. 2, 3, 9.
 
 The flow f = f_{K-1} o ... o f_0 maps the compact tokens z_c (B, N, d) to the prior variable
-u = f(z_c) ~ N(0, I). Block k reads its input y^k in its own token order (a permutation of
-0..N-1; by default identity, reversed, identity, ...) and moves each token with an affine map:
+u = f(z_c) ~ N(0, I). Block k reads its input y^k in its own token order (identity, reversed,
+identity, ... by default) and moves each token with an affine map (eq. 3):
 
-    y^{k+1}_i = (y^k_i - mu^k_i) * exp(-alpha^k_i)          (eq. 3, forward)
-    y^k_i = y^{k+1}_i * exp(alpha^k_i) + mu^k_i             (eq. 3, inverse)
+    y^{k+1}_i = (y^k_i - mu^k_i) * exp(-alpha^k_i),      y^k_i = y^{k+1}_i * exp(alpha^k_i) + mu^k_i
 
-(mu^k_i, alpha^k_i) come from a causal Transformer over the tokens read before token i (the
-first token read gets mu = alpha = 0). The Jacobian is triangular, so the likelihood is exact:
+(mu^k_i, alpha^k_i) come from a causal Transformer over the tokens read before token i, so the
+Jacobian is triangular and the likelihood exact: log p(z_c | c) = log N(u; 0, I) + log|det|,
+log|det| = -sum alpha (eq. 2); training minimises 0.5 ||u||^2 + sum alpha (eq. 9). SimFlow's
+choices: deep-shallow depths [2, 2, 2, 2, 2, L] with the deep block last in the data -> prior
+direction (first when sampling), adaLN-Zero class conditioning (DiT), and the null label
+`num_classes` for label dropout and the unconditional half of classifier-free guidance.
 
-    log p(z_c | c) = log N(u; 0, I) + log|det df/dz_c|,   log|det| = -sum_{k,i,j} alpha^k_{i,j}   (eq. 2)
-
-and training minimises eq. 9, 0.5 ||u||^2 + sum alpha (here divided by N d: nll_per_dim).
-
-SimFlow's choices (its Table 8): deep-shallow depths [2, 2, 2, 2, 2, L], the deep block last in
-the data -> prior direction (so first when sampling), and class conditioning of every layer by
-adaLN-Zero (DiT). The label `num_classes` is the null label: label dropout in training and the
-unconditional half of classifier-free guidance.
-
-Sampling (`reverse`) inverts the blocks token by token with key/value caches that the caller's
-loop owns (preallocated, written in place). With guidance w > 0 the conditional and null-label
-passes run as one batch [cond; null] and each token's two Gaussians are combined by STARFlow's
-rule (sigma = exp(alpha)):
+Sampling (`reverse`) inverts the blocks token by token with preallocated key/value caches. With
+guidance w > 0 the conditional and null-label passes run as one batch [cond; null], each token's
+two Gaussians combined by STARFlow's rule (sigma = exp(alpha)); both halves continue from the
+guided token. guide_blocks='deep' guides the deep block only (STARFlow's top-block mode):
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
 
-Both halves then continue from the same guided token. guide_blocks='all' guides every block;
-'deep' guides the deep block only and runs the shallow blocks conditional with w = 0
-(STARFlow's top-block mode). `score_step` is SimFlow's score step (SimFlow eq. 6).
-
-Precision: the Transformer may run under bf16 autocast; the affine arithmetic, the log-det and
-the tokens between blocks stay in float32 (float64 for a float64 flow and input).
+The Transformer may run under bf16 autocast; the affine arithmetic, the log-det and the tokens
+between blocks stay in float32 (float64 for a float64 flow and input).
 """
 
 import math
@@ -57,7 +47,8 @@ SIZES = {
     'XXL': dict(channels=1152, head_dim=72, depths=[2, 2, 2, 2, 2, 46]),
     'XXL-2048': dict(channels=2048, head_dim=128, depths=[2, 2, 2, 2, 2, 46]),
 }
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)  # -log N(0; 0, 1): the Gaussian constant per dimension
+# -log N(0; 0, 1): the Gaussian constant per dimension
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LN_EPS = 1e-6
 
 
@@ -105,8 +96,10 @@ class Layer(nn.Module):
         self.norm1 = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
         self.attn = Attention(channels, head_dim)
         self.norm2 = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Linear(hidden, channels))
-        self.ada = nn.Linear(channels, 6 * channels)  # zero-initialised: the gates start closed
+        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(),
+                                 nn.Linear(hidden, channels))
+        # adaLN-Zero: zero-initialised, so the gates start closed
+        self.ada = nn.Linear(channels, 6 * channels)
 
     def modulation(self, c):
         """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each (B, 1, C)."""
@@ -157,13 +150,17 @@ class FlowBlock(nn.Module):
         self.register_buffer('perm', torch.tensor(perm), persistent=False)
         self.register_buffer('inv_perm', torch.tensor(inverse), persistent=False)
         self.proj_in = nn.Linear(in_channels, channels)
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)  # by reading step
-        self.class_embed = nn.Embedding(num_classes + 1, channels)  # the last row: null label
-        self.layers = nn.ModuleList([Layer(channels, head_dim, mlp_ratio) for _ in range(depth)])
+        # position embeddings by reading step; the class embedding's last row is the null label
+        self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)
+        self.class_embed = nn.Embedding(num_classes + 1, channels)
+        layers = [Layer(channels, head_dim, mlp_ratio) for _ in range(depth)]
+        self.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(channels, elementwise_affine=False, eps=LN_EPS)
         self.ada_out = nn.Linear(channels, 2 * channels)
-        self.proj_out = nn.Linear(channels, 2 * in_channels)  # zero-initialised: mu = alpha = 0
-        self.checkpointing = False  # train_flow.py --checkpoint-activations: recompute in backward
+        # zero-initialised, so a new block gives mu = alpha = 0: the identity
+        self.proj_out = nn.Linear(channels, 2 * in_channels)
+        # train_flow.py --checkpoint-activations: recompute the layers in backward
+        self.checkpointing = False
 
     def permute(self, y, inverse=False):
         """Natural token order -> this block's reading order (inverse=True: back)."""
@@ -194,7 +191,8 @@ class FlowBlock(nn.Module):
             else:
                 h = layer(h, mod)
         out = self.head(h, out_mod)
-        out = F.pad(out[:, :-1], (0, 0, 1, 0))  # shift by one: token 0 gets mu = alpha = 0
+        # shift by one, so token i's (mu, alpha) come from tokens < i; token 0 gets 0, 0
+        out = F.pad(out[:, :-1], (0, 0, 1, 0))
         mu, alpha = out.to(affine_dtype(y)).chunk(2, dim=-1)
         return mu, alpha
 
@@ -208,19 +206,18 @@ class FlowBlock(nn.Module):
     def step(self, token, i, layer_mods, out_mod, caches):
         """Token i (B, 1, d) of y^k -> (mu, alpha) of token i + 1, each (B, d)."""
         h = self.proj_in(token.to(self.proj_in.weight.dtype)) + self.pos_embed[i]
+        # each layer attends to the cached keys and values of tokens 0..i, then adds token i's
         for layer, mod, cache in zip(self.layers, layer_mods, caches):
             h = layer.step(h, mod, cache, i)
+        # back to the affine dtype: the arithmetic of eq. 3 stays in float32 (or float64)
         out = self.head(h, out_mod)[:, 0].to(token.dtype)
         mu, alpha = out.chunk(2, dim=-1)
         return mu, alpha
 
     def reverse(self, y_next, labels, caches, guidance=0.0):
-        """Eq. 3 inverse, token by token: y^k from y^{k+1} (B, N, d).
-
-        Unguided, labels are (B,). Guided (guidance > 0), labels are [cond; null] (2B,): each step
-        runs both halves as one batch, combines their Gaussians (guided_gaussian), and both
-        halves read the same guided token at the next step.
-        """
+        """Eq. 3 inverse, token by token: y^k from y^{k+1} (B, N, d). Guided (guidance > 0), the
+        labels are [cond; null] (2B,): both halves run as one batch, their Gaussians combine
+        (guided_gaussian), and both read the same guided token at the next step."""
         guided = guidance > 0
         y_next = self.permute(y_next)
         layer_mods, out_mod = self.conditioning(labels)
@@ -228,8 +225,8 @@ class FlowBlock(nn.Module):
         y[:, 0] = y_next[:, 0]  # the first token read: mu = 0, alpha = 0
         for i in range(y.shape[1] - 1):
             token = y[:, i:i + 1]
-            if guided:
-                token = torch.cat([token, token])  # the same token for the cond and null halves
+            if guided:  # the same token for the cond and null halves
+                token = torch.cat([token, token])
             mu, alpha = self.step(token, i, layer_mods, out_mod, caches)
             if guided:
                 mu_c, mu_u = mu.chunk(2)
@@ -237,7 +234,8 @@ class FlowBlock(nn.Module):
                 mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, guidance)
             else:
                 sigma = torch.exp(alpha)
-            y[:, i + 1] = torch.addcmul(mu, y_next[:, i + 1], sigma)  # eq. 3: y^{k+1} sigma + mu
+            # eq. 3's inverse: y^k_i = y^{k+1}_i * sigma + mu
+            y[:, i + 1] = torch.addcmul(mu, y_next[:, i + 1], sigma)
         return self.permute(y, inverse=True)
 
 
@@ -251,7 +249,9 @@ class TARFlow(nn.Module):
         check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes)
         natural = list(range(num_tokens))
         if permutations is None:  # the default orders: identity, reversed, identity, ...
-            permutations = [natural[::-1] if k % 2 else natural for k in range(len(depths))]
+            permutations = []
+            for k in range(len(depths)):
+                permutations.append(natural[::-1] if k % 2 else natural)
         perms = check_permutations(permutations, len(depths), num_tokens)
         self.in_channels = in_channels
         self.num_tokens = num_tokens
@@ -311,23 +311,22 @@ class TARFlow(nn.Module):
 
     @torch.no_grad()
     def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all'):
-        """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, token by token with KV caches.
-
-        guidance w > 0: classifier-free guidance (STARFlow's rule) in every block (guide_blocks='all')
-        or in the deep block only ('deep'; the shallow blocks then run on the labels with w = 0).
-        labels (B,) or None (the null label).
-        """
+        """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, with KV caches. labels
+        (B,) or None (the null label); guidance w > 0: classifier-free guidance in every block
+        (guide_blocks='all') or the deep one ('deep'; the shallow ones then use w = 0)."""
         self.check_tokens(u, 'reverse')
         check_guidance(guidance, guide_blocks)
         B = u.shape[0]
         labels = self.check_labels(labels, B, u.device, 'reverse')
         guided = guidance > 0
         null = torch.full_like(labels, self.null_label)
-        batch_labels = torch.cat([labels, null]) if guided else labels  # [cond; null] when guided
-        caches = self.new_caches(len(batch_labels), u.device)  # reused by every block
+        # one batch [cond; null] when guided; the caches are reused by every block
+        batch_labels = torch.cat([labels, null]) if guided else labels
+        caches = self.new_caches(len(batch_labels), u.device)
         deep_block = self.blocks[-1]  # the last block of f, the first one inverted
         y = deep_block.reverse(u.to(affine_dtype(u)), batch_labels, caches, guidance)
-        if guide_blocks == 'deep' and guided:  # the shallow blocks: conditional half only, w = 0
+        # 'deep': the shallow blocks run on the conditional half only, with w = 0
+        if guide_blocks == 'deep' and guided:
             batch_labels = labels
             guidance = 0.0
             caches = [cache[:B] for cache in caches]
@@ -340,7 +339,10 @@ class TARFlow(nn.Module):
         heads = self.channels // self.head_dim
         shape = (batch, 2, heads, self.num_tokens, self.head_dim)
         dtype = self.compute_dtype(device)
-        return [torch.empty(shape, dtype=dtype, device=device) for _ in range(max(self.depths))]
+        caches = []
+        for _ in range(max(self.depths)):
+            caches.append(torch.empty(shape, dtype=dtype, device=device))
+        return caches
 
     def score_step(self, z_c, labels, gamma):
         """SimFlow's score step (SimFlow eq. 6) on samples z_c from `reverse`, with exact gradients:
@@ -352,7 +354,8 @@ class TARFlow(nn.Module):
         labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'score_step')
         null = torch.full_like(labels, self.null_label)
         with torch.inference_mode(False), torch.enable_grad():
-            both = z_c.detach().repeat(2, 1, 1).requires_grad_(True)  # [z_c; z_c], labels [c; null]
+            # one batch [z_c; z_c] with the labels [cond; null]
+            both = z_c.detach().repeat(2, 1, 1).requires_grad_(True)
             log_p = self.log_prob(both, torch.cat([labels, null]))
             grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
         grad_c, grad_u = grad.chunk(2)
@@ -385,10 +388,11 @@ class TARFlow(nn.Module):
             raise ValueError(f"TARFlow.{name}: expected integer labels of shape ({B},), got {got}")
         # Range check on CPU labels only: on an accelerator it would cost a host sync every step.
         on_cpu = labels.device.type == 'cpu' and not torch.compiler.is_compiling()
-        if B and on_cpu and (int(labels.min()) < 0 or int(labels.max()) > self.null_label):
+        low = int(labels.min()) if B and on_cpu else 0
+        high = int(labels.max()) if B and on_cpu else 0
+        if low < 0 or high > self.null_label:
             raise ValueError(f"TARFlow.{name}: labels must lie in [0, {self.null_label}] "
-                             f"({self.null_label} = null label), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+                             f"({self.null_label} = null label), got [{low}, {high}]")
         return labels.to(device=device, dtype=torch.long)
 
 
@@ -430,7 +434,6 @@ def check_guidance(guidance, guide_blocks):
 
 
 # ---- The training loss and the likelihood in bits
-
 def nll_per_dim(u, logdet):
     """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
     -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
@@ -444,7 +447,6 @@ def bits_per_dim(nll):
 
 
 # ---- Checkpoints
-
 def load_flow(path, device="cpu", ema=True):
     """(flow, record) of a train_flow.py checkpoint: the flow rebuilt from its stored kind and
     config (EMA weights by default), in eval mode without gradients; record is the checkpoint

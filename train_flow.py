@@ -2,23 +2,15 @@
 
     python train_flow.py --data /data/imagenet/train --stage1 runs/src/checkpoint.pt --out runs/flow
     torchrun --nproc_per_node=8 train_flow.py ...     # the same arguments on 8 GPUs
-    python train_flow.py ... --resume                 # continue runs/flow/checkpoint.pt exactly
 
-E, the RAE statistics, C_enc and norm2 come frozen from the stage-1 checkpoint. Each image
-becomes the flow input of eq. 8, with constant noise sigma_flow = 0.4 on the raw encoder output,
-
-    z_c = norm2(C_enc(norm(E(x) + eps))),   eps ~ N(0, 0.4^2 I)           (src.Stage1.encode)
-
-and the flow f (TARFlow, SimFlow's deep-shallow XXL by default) is trained by maximum
-likelihood, eq. 9: 0.5 ||f(z_c)||^2 + sum alpha, divided by N d (the logged `loss`, nats per
-dimension; `bpd` adds the Gaussian constant and converts to bits). Labels become the null label
-with probability 0.1 (classifier-free guidance).
-
---batch-size is the global batch. A step's randomness (flips, eps, label drops) is drawn for the
-whole global batch from a generator seeded by (seed, step), and each rank takes its rows: N
-processes follow one process's trajectory (up to float summation order). Ablations:
---noise-mode per-example (sigma ~ U(0, sigma_flow) per image, as in stage 1) and --noise-std 0.
-Outputs in --out: checkpoint.pt (what sample.py reads), log.jsonl, samples/*.png.
+E, the RAE statistics, C_enc and norm2 come frozen from the stage-1 checkpoint. Each image becomes
+eq. 8's z_c = norm2(C_enc(norm(E(x) + eps))), eps ~ N(0, 0.4^2 I) (src.Stage1.encode), and the
+flow (SimFlow's deep-shallow XXL by default) is trained by maximum likelihood: eq. 9 divided by
+N d is the logged `loss` (nats per dimension; `bpd` adds the Gaussian constant, in bits). Labels
+become the null label with probability 0.1, for classifier-free guidance. A step's randomness
+(flips, eps, label drops) is drawn for the global batch from (seed, step) and each rank takes its
+rows: N processes follow one process's trajectory. Outputs in --out: checkpoint.pt (what
+sample.py reads), log.jsonl, samples/*.png.
 """
 
 import argparse
@@ -40,7 +32,7 @@ GRID_SAMPLES = 8
 
 
 @torch.no_grad()
-def sample_grid(flow, stage1, guidance, seed, autocast, path):
+def sample_grid(flow, stage1, guidance, seed, precision, path):
     """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes)."""
     shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +46,7 @@ def sample_grid(flow, stage1, guidance, seed, autocast, path):
         labels = labels.to(device)
     else:
         guidance = 0.0
-    with autocast():
+    with common.autocast(device, precision):
         images = stage1.generate(flow, u, labels, guidance=guidance)
     common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
 
@@ -65,23 +57,35 @@ def build_flow(args, stage1, num_classes, device):
     flow = TARFlow(in_channels=stage1.C.d, num_tokens=stage1.rae.decoder.num_patches,
                    num_classes=num_classes, **SIZES[args.model]).to(device)
     ema = copy.deepcopy(flow).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(flow.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0,
-                            fused=device.type == "cuda")
+    opt = torch.optim.AdamW(flow.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                            weight_decay=0.0, fused=device.type == "cuda")
     return flow, ema, opt
 
 
-def checkpoint_record(args, step, epoch, flow, ema, opt, num_classes, image_size, precision,
-                      world, steps_per_epoch):
+def checkpoint_record(args, step, run):
     """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
     reloads exactly what it saved, or fails loudly), weights, optimizer, RNG, and the stage-1
-    record sample.py needs."""
-    return dict(stage="flow", args=vars(args), step=step, epoch=epoch,
-                flow_kind=type(flow).__name__, flow_config=flow.config(),
-                flow=flow.state_dict(), flow_ema=ema.state_dict(), optimizer=opt.state_dict(),
-                rng=common.capture_rng(), stage1=os.path.abspath(args.stage1),
-                noise_std=args.noise_std, noise_mode=args.noise_mode, num_classes=num_classes,
-                image_size=image_size, precision=precision, world_size=world,
-                steps_per_epoch=steps_per_epoch)
+    record sample.py needs. `run` holds the run's flow, EMA, optimizer and facts by name."""
+    return dict(
+        stage="flow",
+        args=vars(args),
+        step=step,
+        epoch=step // run["steps_per_epoch"],
+        flow_kind=type(run["flow"]).__name__,
+        flow_config=run["flow"].config(),
+        flow=run["flow"].state_dict(),
+        flow_ema=run["ema"].state_dict(),
+        optimizer=run["opt"].state_dict(),
+        rng=common.capture_rng(),
+        stage1=os.path.abspath(args.stage1),
+        noise_std=args.noise_std,
+        noise_mode=args.noise_mode,
+        num_classes=run["num_classes"],
+        image_size=run["image_size"],
+        precision=run["precision"],
+        world_size=run["world"],
+        steps_per_epoch=run["steps_per_epoch"],
+    )
 
 
 def main(args):
@@ -89,13 +93,7 @@ def main(args):
     check_args(args)
     rank, world, device = common.setup_ddp(args.device)
     master = rank == 0
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("--precision bf16: this GPU does not support bfloat16; use fp32")
-    use_bf16 = precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    precision = common.precision_of(args.precision, device)  # bf16 on GPUs by default
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -104,7 +102,8 @@ def main(args):
     # The frozen stage 1: E, the RAE statistics, C_enc and norm2 (eq. 8)
     stage1 = load_stage1(args.stage1, device, encoder=args.encoder, decoder=args.decoder)
     image_size = stage1.image_size
-    raw_shape = (stage1.rae.decoder.num_patches, stage1.rae.encoder.embed_dim)  # (N, n) of E(x)
+    # (N, n): the shape of E(x), of eq. 8's noise
+    raw_shape = (stage1.rae.decoder.num_patches, stage1.rae.encoder.embed_dim)
 
     # Data
     dataset = common.training_set(args, image_size, rank, world)
@@ -116,7 +115,9 @@ def main(args):
     loader = common.make_loader(dataset, sampler, args.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    decay_epoch = args.epochs / 2 if args.decay_start_epoch is None else args.decay_start_epoch
+    decay_epoch = args.decay_start_epoch
+    if decay_epoch is None:  # the paper's: constant for half the epochs, then cosine
+        decay_epoch = args.epochs / 2
     decay_start = int(round(decay_epoch * steps_per_epoch))
 
     # Create the flow, its EMA and the optimiser; resume
@@ -128,6 +129,9 @@ def main(args):
         opt.load_state_dict(resume["optimizer"])
         common.restore_rng(resume["rng"])
         step = resume["step"]
+    run = dict(flow=flow, ema=ema, opt=opt, num_classes=num_classes,
+               image_size=image_size, precision=precision, world=world,
+               steps_per_epoch=steps_per_epoch)
     for block in flow.blocks:
         block.checkpointing = args.checkpoint_activations
     model = torch.compile(flow) if args.compile else flow
@@ -139,13 +143,14 @@ def main(args):
         print(f"flow {args.model}: {millions:.2f}M parameters, tokens {flow.num_tokens}x"
               f"{flow.in_channels}, {num_classes} classes; {len(dataset)} images, "
               f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
-              f"{args.batch_size} on {world} process(es), {device}, {precision}")
+              f"{args.batch_size} on {world} ranks, {device}, {precision}")
 
     # Train: eq. 8's tokens, eq. 9's loss
     B = args.batch_size
     stop = min(args.max_steps or total_steps, total_steps)
-    log = common.TrainLog(["loss", "grad_norm"], out=args.out, step=step, total=total_steps,
-                          batch_size=B, device=device, master=master, resumed=resume is not None,
+    log = common.TrainLog(["loss", "grad_norm"], out=args.out, step=step,
+                          total=total_steps, batch_size=B, device=device,
+                          master=master, resumed=resume is not None,
                           derive=lambda record: dict(bpd=bits_per_dim(record["loss"])),
                           show=("loss", "bpd", "lr"))
     flow.train()
@@ -157,20 +162,33 @@ def main(args):
             # This step's randomness, drawn for the global batch (the same on every rank)
             gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
             flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
-            eps = common.encoder_noise(gen, global_batch=B, shape=raw_shape, rank=rank,
-                                       world=world, device=device, sigma=args.noise_std,
-                                       per_example=args.noise_mode == "per-example")
+            per_example = args.noise_mode == "per-example"
+            eps = common.encoder_noise(
+                gen,
+                global_batch=B,
+                shape=raw_shape,
+                rank=rank,
+                world=world,
+                device=device,
+                sigma=args.noise_std,
+                per_example=per_example,
+            )
             drop = common.global_rand(gen, B, (), rank, world, device) < args.label_drop
             labels = labels.to(device, non_blocking=True)
-            labels = torch.where(drop, num_classes, labels) if num_classes else None
+            if num_classes:
+                labels = torch.where(drop, num_classes, labels)  # the null label, for CFG
+            else:
+                labels = None
 
             # Forward, backward, update
-            with autocast():
+            with common.autocast(device, precision):
                 with torch.no_grad():
-                    z_c = stage1.encode(common.to_unit(images, device, flip), eps)  # eq. 8
+                    x = common.to_unit(images, device, flip)
+                    z_c = stage1.encode(x, eps)  # eq. 8
                 u, logdet = model(z_c.float(), labels)
             loss = nll_per_dim(u, logdet).mean()  # eq. 9 / (N d)
-            lr = common.lr_schedule(step, 0, decay_start, total_steps, args.lr, args.min_lr)
+            lr = common.lr_schedule(step, 0, decay_start, total_steps, args.lr,
+                                    args.min_lr)
             common.set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -192,11 +210,9 @@ def main(args):
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if master and grid_due:
                 path = os.path.join(args.out, "samples", f"{step:07d}.png")
-                sample_grid(ema, stage1, args.sample_cfg, args.seed, autocast, path)
+                sample_grid(ema, stage1, args.sample_cfg, args.seed, precision, path)
             if ckpt_due:
-                log.save(step, lambda: checkpoint_record(
-                    args, step, step // steps_per_epoch, flow, ema, opt, num_classes,
-                    image_size, precision, world, steps_per_epoch))
+                log.save(step, lambda: checkpoint_record(args, step, run))
             if step >= stop:
                 break
     log.bar.close()
@@ -206,50 +222,33 @@ def main(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Stage 2 of SRC-Flow: train the flow on compact tokens (eq. 8, 9).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True,
-                   help="training images as an ImageFolder (one subfolder per class)")
-    p.add_argument("--stage1", required=True,
-                   help="stage-1 checkpoint from train_src.py (E, C_enc, statistics)")
-    p.add_argument("--encoder", default=None,
-                   help="DINOv2 weights, if they moved since stage 1 (default: its path)")
-    p.add_argument("--decoder", default=None,
-                   help="released RAE decoder, if it moved since stage 1")
-    p.add_argument("--out", required=True, help="output folder: checkpoint.pt, log.jsonl, samples/")
+    p = argparse.ArgumentParser(description="Stage 2: train the flow on z_c (eq. 8, 9).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="training images, one folder per class")
+    p.add_argument("--stage1", required=True, help="train_src.py's checkpoint")
+    p.add_argument("--encoder", default=None, help="DINOv2 weights, if moved since stage 1")
+    p.add_argument("--decoder", default=None, help="RAE decoder, if moved since stage 1")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default="XXL", choices=list(SIZES),
-                   help="flow size (XXL: width 1152, 16 heads, depths 2,2,2,2,2,46: 1.36B)")
+                   help="flow size (XXL: width 1152, depths 2,2,2,2,2,46: 1.36B)")
     p.add_argument("--epochs", type=int, default=320, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="global batch size (split over processes)")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="AdamW learning rate (betas 0.9, 0.999; no weight decay)")
-    p.add_argument("--min-lr", type=float, default=1e-6,
-                   help="learning rate at the end of the cosine decay")
-    p.add_argument("--decay-start-epoch", type=float, default=None,
-                   help="epoch where the cosine decay starts (default: epochs / 2)")
-    p.add_argument("--noise-std", type=float, default=0.4,
-                   help="sigma_flow: std of the noise on the raw encoder output (eq. 8; 0: none)")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (betas 0.9, 0.999)")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="lr at the cosine's end")
+    p.add_argument("--decay-start-epoch", type=float, default=None, help="default: epochs / 2")
+    p.add_argument("--noise-std", type=float, default=0.4, help="sigma_flow of eq. 8 (0: none)")
     p.add_argument("--noise-mode", choices=["constant", "per-example"], default="constant",
-                   help="constant sigma_flow (the paper), or sigma ~ U(0, sigma_flow) per image")
-    p.add_argument("--label-drop", type=float, default=0.1,
-                   help="probability of the null label (for CFG)")
-    p.add_argument("--unconditional", action="store_true", help="train without class labels")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    p.add_argument("--ema-decay", type=float, default=0.9999,
-                   help="EMA decay of the flow weights (the paper's)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on CPU)")
+                   help="constant sigma_flow (the paper) or ~ U(0, sigma_flow) per image")
+    p.add_argument("--label-drop", type=float, default=0.1, help="null-label rate (for CFG)")
+    p.add_argument("--unconditional", action="store_true", help="train without labels")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (the paper's)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the flow")
-    p.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute Transformer layers in backward to save memory")
-    p.add_argument("--grid-every", type=int, default=5000,
-                   help="steps between sample grids of the EMA flow (0: off)")
-    p.add_argument("--sample-cfg", type=float, default=1.0,
-                   help="guidance scale of the sample grids")
-    p.add_argument("--ckpt-every", type=int, default=0,
-                   help="steps between extra checkpoints (0: at epoch ends only)")
+    p.add_argument("--checkpoint-activations", action="store_true", help="recompute in backward")
+    p.add_argument("--grid-every", type=int, default=5000, help="steps between sample grids")
+    p.add_argument("--sample-cfg", type=float, default=1.0, help="the grids' guidance")
+    p.add_argument("--ckpt-every", type=int, default=0, help="steps between checkpoints")
     common.add_run_arguments(p)
     return p
 

@@ -5,26 +5,16 @@
         --lpips-vgg vgg16-397923af.pth --lpips-lin vgg.pth \\
         --disc-encoder dino_deitsmall8_pretrain.pth
     torchrun --nproc_per_node=8 train_src.py ...      # the same arguments on 8 GPUs
-    python train_src.py ... --resume                  # continue runs/src/checkpoint.pt exactly
 
-E and D stay frozen; the compressor C = (C_enc, C_dec) learns the reconstruction path of eq. 7
-with RAE's per-example noise on the raw encoder output,
-
-    x^ = D(denorm(C_dec(C_enc(norm(E(x) + eps))))),  eps ~ N(0, sigma^2 I), sigma ~ U(0, 0.8),
-
-under the RAE decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's
-adaptive weight, on from epoch 8, the discriminator updated from epoch 6. AdamW 2e-4, betas
-(0.9, 0.95), one warm-up epoch then cosine to 2e-5, 16 epochs, an EMA of C. Whenever the run
-stops (at its end or at --max-steps) the compact statistics norm2 of eq. 5 are measured with the
-EMA C and stored: the checkpoint is all stage 2 needs.
-
---compressor (Table 5): src (the paper), linear, pca (fitted to the normalized RAE tokens) or
-identity (d = n); with nothing to train only the statistics are computed. --train-decoder
-builds D from --decoder-* and trains it with C (toy runs; data without a released D). A step's
-randomness (flips, sigma, eps, augmentation) is drawn for the global batch from a generator
-seeded by (seed, step), and the adaptive weight uses rank-averaged gradients: N processes follow
-one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (inputs above
-the EMA's reconstructions).
+E and D stay frozen; C = (C_enc, C_dec) learns eq. 7's reconstruction with RAE's per-example
+noise on the raw encoder output (eps ~ N(0, sigma^2 I), sigma ~ U(0, 0.8)) under the RAE
+decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's adaptive weight.
+Whenever the run stops, the compact statistics norm2 of eq. 5 are measured with the EMA C and
+stored: the checkpoint is all stage 2 needs. --compressor picks a row of Table 5; pca and
+identity train nothing (only the statistics are computed); --train-decoder trains D too (toy
+runs). A step's randomness is drawn for the global batch from (seed, step), and the adaptive
+weight uses rank-averaged gradients: N processes follow one process's trajectory. Outputs in
+--out: checkpoint.pt, log.jsonl, recon/*.png (inputs above the EMA's reconstructions).
 """
 
 import argparse
@@ -45,22 +35,28 @@ RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "com
                "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
 GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
-DIFFAUG_PARAMS = 5  # uniforms per image: translation (2), brightness, saturation, contrast
+# DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
+DIFFAUG_PARAMS = 5
 
 
 def build_decoder(args, encoder):
     """D: built from --decoder-* to be trained (--train-decoder, RAE's patch 16), or the released
     one, frozen, whose patch size and token count come from its file."""
     if args.train_decoder:
-        return RAEDecoder(in_dim=encoder.embed_dim, hidden=args.decoder_width,
-                          depth=args.decoder_depth, num_heads=args.decoder_heads or 16,
-                          mlp_dim=args.decoder_mlp, patch_size=16,
-                          num_patches=(args.image_size // 16) ** 2)
+        grid = args.image_size // 16
+        return RAEDecoder(
+            in_dim=encoder.embed_dim,
+            hidden=args.decoder_width,
+            depth=args.decoder_depth,
+            num_heads=args.decoder_heads or 16,
+            mlp_dim=args.decoder_mlp,
+            patch_size=16,
+            num_patches=grid * grid,
+        )
     decoder = load_rae_decoder(args.decoder, num_heads=args.decoder_heads)
-    pixels = decoder.num_patches * decoder.patch_size ** 2
-    if pixels != args.image_size ** 2:
-        raise UserError(f"--decoder {args.decoder}: decodes {decoder.num_patches} patches of "
-                        f"{decoder.patch_size} px, not {args.image_size} px images (--image-size)")
+    if decoder.num_patches * decoder.patch_size ** 2 != args.image_size ** 2:
+        raise UserError(f"--decoder {args.decoder}: makes {decoder.num_patches} patches of "
+                        f"{decoder.patch_size} px, not {args.image_size} px images")
     return decoder
 
 
@@ -74,7 +70,7 @@ def build_compressor(args, n):
 
 
 def build_losses(args, device):
-    """LPIPS and the discriminator (None where their weight is 0), their weight files read now."""
+    """LPIPS and the discriminator (None where their weight is 0), their files read now."""
     lpips = None
     disc = None
     if args.perceptual_weight > 0:
@@ -87,25 +83,30 @@ def build_losses(args, device):
     return lpips, disc
 
 
-def image_batches(dataset, limit, rank, world, batch_size, num_workers, device):
-    """This rank's share of the first `limit` (0: all) training images in [0, 1], unflipped."""
-    end = min(limit or len(dataset), len(dataset))
+def image_batches(dataset, args, rank, world, device):
+    """This rank's share of the first --stats-images (0: all) training images in [0, 1]."""
+    end = min(args.stats_images or len(dataset), len(dataset))
     part = torch.utils.data.Subset(dataset, range(rank, end, world))
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(part, batch_size=args.batch_size // world,
+                                         num_workers=args.num_workers)
     for images, _ in loader:
         yield common.to_unit(images, device)
 
 
-def adamw(params, args, device):
-    """RAE's optimiser for C (and D) and for the discriminator."""
-    return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
-                             fused=device.type == "cuda")
-
-
-def fingerprints(args, encoder, decoder):
-    """The fingerprints of E and of a released D: stage 2 refuses other weights of their shape."""
-    decoder_print = None if args.train_decoder else fingerprint(decoder)
-    return dict(encoder=fingerprint(encoder), decoder=decoder_print)
+def set_statistics(args, rae, C, resume, batches, device):
+    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
+    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
+    if resume is not None:
+        rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
+    elif args.rae_stats:
+        rae.load_stats(args.rae_stats)
+    else:
+        print0("computing the RAE statistics (eq. 1) over the training images")
+        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
+    if C.kind == "pca" and resume is None:
+        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
+        print0(f"PCA: {C.d} of {C.n} directions explain {C.explained:.1%}")
+    return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
 
 
 def ema_copies(args, rae, C, rae_stats, device):
@@ -119,8 +120,19 @@ def ema_copies(args, rae, C, rae_stats, device):
     return C_ema, D_ema, Stage1(rae_ema, C_ema).to(device)
 
 
+def adamw(params, args, device):
+    """RAE's optimiser, for C (and D) and for the discriminator."""
+    return torch.optim.AdamW(
+        params,
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        fused=device.type == "cuda",
+    )
+
+
 def wrap_ddp(module, world, device):
-    """DDP for more than one process. The statistics are equal on every rank: buffers not synced."""
+    """DDP for more than one process. The statistics are equal on every rank: not synced."""
     if world == 1:
         return module
     ids = [device.index] if device.type == "cuda" else None
@@ -133,9 +145,19 @@ def step_randomness(args, step, raw_shape, rank, world, device):
     B = args.batch_size
     gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
     flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
-    eps = common.encoder_noise(gen, global_batch=B, shape=raw_shape, rank=rank, world=world,
-                               device=device, sigma=args.noise_max, per_example=True)
-    aug = [common.global_rand(gen, B, (DIFFAUG_PARAMS,), rank, world, device) for _ in range(3)]
+    eps = common.encoder_noise(
+        gen,
+        global_batch=B,
+        shape=raw_shape,
+        rank=rank,
+        world=world,
+        device=device,
+        sigma=args.noise_max,
+        per_example=True,
+    )
+    aug = []
+    for _ in range(3):
+        aug.append(common.global_rand(gen, B, (DIFFAUG_PARAMS,), rank, world, device))
     return flip, eps, aug
 
 
@@ -147,6 +169,59 @@ def train_discriminator(disc, params, on):
         disc.train(on)
 
 
+def generator_step(args, parts, net, batch, use_gan, lr):
+    """One AdamW step of C (and D) on eq. 7's reconstruction under RAE's objective (losses.py);
+    the EMAs follow. Returns the loss, its parts and the gradient norm."""
+    opt = parts["opt"]
+    common.set_lr(opt, lr)
+    # the GAN loss's gradients flow through the discriminator, not into it
+    train_discriminator(parts["disc"], parts["disc_params"], False)
+    x = batch["x"]
+    with common.autocast(x.device, args.precision):
+        recon = net(batch["z_raw"], batch["eps"]).float()  # eq. 7
+        disc = parts["disc"] if use_gan else None
+        loss, loss_parts = losses.generator_loss(
+            recon,
+            x,
+            lpips=parts["lpips"],
+            perceptual_weight=args.perceptual_weight,
+            disc=disc,
+            disc_weight=args.disc_weight,
+            aug_u=batch["aug"][0],
+            last_layer=parts["last_layer"],
+            average=common.all_reduce_,
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    # The gradient norm is measured, not clipped (RAE does not clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts["trainable"], float("inf"))
+    opt.step()
+    common.update_ema(parts["C_ema"], parts["C"], args.ema_decay)
+    if args.train_decoder:
+        common.update_ema(parts["D_ema"], parts["decoder"], args.ema_decay)
+    return loss, loss_parts, grad_norm
+
+
+def discriminator_step(parts, model, batch, precision, lr):
+    """Hinge loss on a fresh reconstruction of the clean tokens, 8-bit like a saved image, and on
+    the real images, each with its own DiffAug draw; returns the loss."""
+    train_discriminator(parts["disc"], parts["disc_params"], True)
+    common.set_lr(parts["disc_opt"], lr)
+    x = batch["x"]
+    aug = batch["aug"]
+    with torch.no_grad(), common.autocast(x.device, precision):
+        fake = model(batch["z_raw"]).float().clamp(0, 1)
+        fake = torch.round(fake * 255) / 127.5 - 1  # 8-bit, in [-1, 1]
+    with common.autocast(x.device, precision):
+        logits_real = parts["disc_net"](losses.diff_augment(x * 2 - 1, aug[2]))
+        logits_fake = parts["disc_net"](losses.diff_augment(fake, aug[1]))
+        d_loss = losses.hinge_d_loss(logits_real, logits_fake)
+    parts["disc_opt"].zero_grad(set_to_none=True)
+    d_loss.backward()
+    parts["disc_opt"].step()
+    return d_loss.detach()
+
+
 def measure_norm2(stage1_ema, batches, device):
     """Eq. 5's norm2: the channel mean and variance of C_enc(norm(E(x))) with the EMA C, and the
     eps its standardisation adds to the variance (as eq. 1's)."""
@@ -154,57 +229,17 @@ def measure_norm2(stage1_ema, batches, device):
     return dict(mean=mean2.cpu(), var=var2.cpu(), eps=STATS_EPS)
 
 
-def gan_plan(args, disc_start, gan_start, stop):
-    """The start-up line that says when the GAN starts (its flags count epochs, not steps)."""
-    late = " (after this run's last step: no GAN in this run)" if gan_start >= stop else ""
-    return (f"GAN: the discriminator trains from step {disc_start} (--disc-upd-start "
-            f"{args.disc_upd_start} epochs), the adversarial loss trains C from step {gan_start} "
-            f"(--disc-start {args.disc_start} epochs){late}")
-
-
-def set_statistics(args, rae, C, resume, batches, device, say):
-    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
-    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
-    if resume is not None:
-        rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
-    elif args.rae_stats:
-        rae.load_stats(args.rae_stats)
-    else:
-        say("computing the RAE statistics (eq. 1) over the training images (--rae-stats: skip)")
-        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
-    if C.kind == "pca" and resume is None:
-        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
-        say(f"fitted PCA to the normalized RAE tokens: {C.d} of {C.n} dimensions explain "
-            f"{C.explained:.2%}")
-    return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
-
-
-def discriminator_step(disc, disc_net, disc_opt, model, z_raw, x, real_aug, fake_aug, autocast):
-    """Hinge loss on a fresh reconstruction of the clean tokens, 8-bit like a saved image, and on
-    the real images, each with its own DiffAug draw. Returns the loss (detached)."""
-    with torch.no_grad(), autocast():
-        fake = model(z_raw).float().clamp(0, 1)
-        fake = torch.round(fake * 255) / 127.5 - 1  # 8-bit, in [-1, 1]
-    with autocast():
-        logits_real = disc_net(losses.diff_augment(x * 2 - 1, real_aug))
-        logits_fake = disc_net(losses.diff_augment(fake, fake_aug))
-        d_loss = losses.hinge_d_loss(logits_real, logits_fake)
-    disc_opt.zero_grad(set_to_none=True)
-    d_loss.backward()
-    disc_opt.step()
-    return d_loss.detach()
-
-
 def checkpoint_record(args, step, world, steps_per_epoch, parts):
     """What checkpoint.pt holds: what E, D and C were built from (kind, path, config, the
-    weights' fingerprint), their weights, the statistics of eq. 1 and 5, the optimisers and RNG.
-    `parts` holds the run's modules, optimisers and statistics by name."""
+    weights' fingerprint), their weights, the statistics of eq. 1 and 5, optimisers and RNG."""
     trained_d = args.train_decoder
-    prints = parts["fingerprints"]
-    encoder = dict(kind="dinov2", path=os.path.abspath(args.encoder),
-                   config=parts["encoder"].config(), fingerprint=prints["encoder"])
+    encoder = dict(kind="dinov2",
+                   path=os.path.abspath(args.encoder),
+                   config=parts["encoder"].config(),
+                   fingerprint=parts["encoder_print"])
     decoder = dict(path=os.path.abspath(args.decoder) if args.decoder else None,
-                   config=parts["decoder"].config(), fingerprint=prints["decoder"],
+                   config=parts["decoder"].config(),
+                   fingerprint=parts["decoder_print"],
                    state=parts["decoder"].state_dict() if trained_d else None,
                    state_ema=parts["D_ema"].state_dict() if trained_d else None)
     C = parts["C"]
@@ -213,12 +248,56 @@ def checkpoint_record(args, step, world, steps_per_epoch, parts):
     states = {}
     for name in ("opt", "disc", "disc_opt"):
         states[name] = parts[name].state_dict() if parts[name] is not None else None
-    return dict(stage="src", args=vars(args), step=step, epoch=step // steps_per_epoch,
-                image_size=args.image_size, num_classes=parts["num_classes"], encoder=encoder,
-                decoder=decoder, compressor=compressor, rae_stats=parts["rae_stats"],
-                norm2=parts["norm2"], optimizer=states["opt"], discriminator=states["disc"],
-                disc_optimizer=states["disc_opt"], rng=common.capture_rng(), world_size=world,
-                steps_per_epoch=steps_per_epoch)
+    return dict(
+        stage="src",
+        args=vars(args),
+        step=step,
+        epoch=step // steps_per_epoch,
+        image_size=args.image_size,
+        num_classes=parts["num_classes"],
+        encoder=encoder,
+        decoder=decoder,
+        compressor=compressor,
+        rae_stats=parts["rae_stats"],
+        norm2=parts["norm2"],
+        optimizer=states["opt"],
+        discriminator=states["disc"],
+        disc_optimizer=states["disc_opt"],
+        rng=common.capture_rng(),
+        world_size=world,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def resume_from(resume, parts):
+    """Load the states of a checkpoint into the run's parts; returns its step."""
+    comp = resume["compressor"]
+    dec = resume["decoder"]  # its states are None unless D was trained
+    saved = dict(C=comp["state"],
+                 C_ema=comp["state_ema"],
+                 decoder=dec["state"],
+                 D_ema=dec["state_ema"],
+                 opt=resume["optimizer"],
+                 disc=resume["discriminator"],
+                 disc_opt=resume["disc_optimizer"])
+    for name, state in saved.items():
+        if parts[name] is not None and state is not None:
+            parts[name].load_state_dict(state)
+    common.restore_rng(resume["rng"])
+    return resume["step"]
+
+
+def print_gan_plan(disc_start, gan_start, stop):
+    """--disc-start and --disc-upd-start count epochs: say in steps when the GAN starts."""
+    late = " (not in this run)" if gan_start >= stop else ""
+    print0(f"GAN: the discriminator trains from step {disc_start}, its loss trains C from step "
+           f"{gan_start}{late}")
+
+
+def print0(text):
+    """Print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(text)
 
 
 def main(args):
@@ -226,14 +305,7 @@ def main(args):
     check_args(args)
     rank, world, device = common.setup_ddp(args.device)
     master = rank == 0
-    use_bf16 = args.precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    def say(text):  # messages from rank 0 only
-        if master:
-            print(text)
+    precision = args.precision
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -248,46 +320,60 @@ def main(args):
     B = args.batch_size
 
     def batches():  # the first --stats-images training images, for the statistics
-        return image_batches(dataset, args.stats_images, rank, world, B // world, args.num_workers,
-                             device)
+        return image_batches(dataset, args, rank, world, device)
 
     # Create E, D (frozen unless --train-decoder), C and the loss networks: every file read now
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     encoder = load_dinov2(args.encoder)
     decoder = build_decoder(args, encoder)
     C = build_compressor(args, encoder.embed_dim).to(device)
-    trains = args.train_decoder or len(list(C.parameters())) > 0  # pca, identity: nothing to train
+    # pca and identity have no parameters: without --train-decoder nothing trains
+    trains = args.train_decoder or len(list(C.parameters())) > 0
     lpips, disc = build_losses(args, device) if trains else (None, None)
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
 
-    # The statistics of eq. 1 (and the PCA fit), then the EMA copies of C and D
-    rae_stats = set_statistics(args, rae, C, resume, batches, device, say)
+    # The statistics of eq. 1 (and the PCA fit), the EMA copies of C and D
+    rae_stats = set_statistics(args, rae, C, resume, batches, device)
     C_ema, D_ema, stage1_ema = ema_copies(args, rae, C, rae_stats, device)
 
-    # The trained path (eq. 7), the optimisers; resume
+    # The trained path (its forward is eq. 7), the optimisers; resume
     decoder.requires_grad_(args.train_decoder)
-    model = Stage1(rae, C).to(device)  # its forward is eq. 7
+    model = Stage1(rae, C).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    disc_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-    opt = adamw(trainable, args, device) if trainable else None
-    disc_opt = adamw(disc_params, args, device) if disc is not None else None
-    last_layer = decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
-    step = 0
-    if resume is not None:
-        step = resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt)
-    parts = dict(encoder=encoder, decoder=decoder, C=C, C_ema=C_ema, D_ema=D_ema, opt=opt,
-                 disc=disc, disc_opt=disc_opt, rae_stats=rae_stats, norm2=None,
-                 fingerprints=fingerprints(args, encoder, decoder),
-                 num_classes=len(dataset.classes))
+    has_disc = disc is not None
+    disc_params = []  # the heads: a DINO discriminator's backbone stays frozen
+    if has_disc:
+        disc_params = [p for p in disc.parameters() if p.requires_grad]
+    parts = dict(  # the run's modules, optimisers and records, by name
+        encoder=encoder,
+        decoder=decoder,
+        C=C,
+        C_ema=C_ema,
+        D_ema=D_ema,
+        opt=adamw(trainable, args, device) if trainable else None,
+        disc=disc,
+        disc_params=disc_params,
+        disc_opt=adamw(disc_params, args, device) if has_disc else None,
+        disc_net=wrap_ddp(disc, world, device) if has_disc else None,
+        lpips=lpips,
+        trainable=trainable,
+        last_layer=decoder.decoder_pred.weight if args.train_decoder else C.last_layer(),
+        rae_stats=rae_stats,
+        norm2=None,
+        num_classes=len(dataset.classes),
+        # the weights' fingerprints: stage 2 refuses other weights of these shapes
+        encoder_print=fingerprint(encoder),
+        decoder_print=None if args.train_decoder else fingerprint(decoder),
+    )
+    step = resume_from(resume, parts) if resume is not None else 0
     os.makedirs(args.out, exist_ok=True)
     millions = sum(p.numel() for p in trainable) / 1e6
-    say(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {len(dataset)} "
-        f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {B} on "
-        f"{world} process(es), {device}, {args.precision}")
+    print0(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {len(dataset)} "
+           f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {B} on "
+           f"{world} ranks, {device}, {precision}")
 
     # Train: eq. 7 with per-example noise, RAE's objective (DDP averages the gradients)
     net = wrap_ddp(model, world, device) if trains else model
-    disc_net = wrap_ddp(disc, world, device) if disc is not None else None
     stop = min(args.max_steps or total_steps, total_steps) if trains else step
     if resume is not None and stop <= step:
         parts["norm2"] = resume["norm2"]  # still valid: C does not train on
@@ -296,11 +382,13 @@ def main(args):
     disc_start = args.disc_upd_start * steps_per_epoch
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     if disc is not None:
-        say(gan_plan(args, disc_start, gan_start, stop))
-    log = common.TrainLog(LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
-                          batch_size=B, device=device, master=master, resumed=resume is not None,
+        print_gan_plan(disc_start, gan_start, stop)
+    log = common.TrainLog(LOG_KEYS, out=args.out, step=step,
+                          total=total_steps if trains else step, batch_size=B,
+                          device=device, master=master, resumed=resume is not None,
                           show=("loss", "l1", "lr"))
-    fixed = next(batches())[:GRID_IMAGES]  # the first training images, for the grids
+    # the first training images, shown with their reconstructions in the grids
+    fixed = next(batches())[:GRID_IMAGES]
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= stop:
             break
@@ -308,99 +396,65 @@ def main(args):
         for images, _ in loader:
             use_gan = disc is not None and step >= gan_start
             train_disc = disc is not None and step >= disc_start
-
             flip, eps, aug = step_randomness(args, step, raw_shape, rank, world, device)
             x = common.to_unit(images, device, flip)
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), common.autocast(device, precision):
                 z_raw = rae.encode_raw(x).float()
 
             # The generator step: C (and D with --train-decoder)
-            lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr, args.min_lr)
-            common.set_lr(opt, lr)
-            train_discriminator(disc, disc_params, False)  # gradients flow through it, not into it
-            with autocast():
-                recon = net(z_raw, eps).float()  # eq. 7
-                loss, loss_parts = losses.generator_loss(
-                    recon, x, lpips=lpips, perceptual_weight=args.perceptual_weight,
-                    disc=disc if use_gan else None, disc_weight=args.disc_weight, aug_u=aug[0],
-                    last_layer=last_layer, average=common.all_reduce_)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # The gradient norm is measured, not clipped (RAE does not clip)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
-            opt.step()
-            common.update_ema(C_ema, C, args.ema_decay)
-            if args.train_decoder:
-                common.update_ema(D_ema, decoder, args.ema_decay)
+            lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr,
+                                    args.min_lr)
+            batch = dict(x=x, z_raw=z_raw, eps=eps, aug=aug)
+            loss, loss_parts, grad_norm = generator_step(args, parts, net, batch,
+                                                         use_gan, lr)
 
             # The discriminator step
             d_loss = torch.zeros((), device=device)
             if train_disc:
-                train_discriminator(disc, disc_params, True)
                 disc_lr = common.lr_schedule(step - disc_start, warmup, warmup, total_steps,
                                              args.lr, args.min_lr)
-                common.set_lr(disc_opt, disc_lr)
-                d_loss = discriminator_step(disc, disc_net, disc_opt, model, z_raw, x,
-                                            real_aug=aug[2], fake_aug=aug[1], autocast=autocast)
-            log.add(step, loss=loss, **loss_parts, disc_loss=d_loss, grad_norm=grad_norm)
+                d_loss = discriminator_step(parts, model, batch, precision, disc_lr)
+            log.add(step, loss=loss, **loss_parts, disc_loss=d_loss,
+                    grad_norm=grad_norm)
             step += 1
 
             # Log (one host sync), grids, checkpoints
             extra = args.ckpt_every and step % args.ckpt_every == 0
             ckpt_due = step < stop and (step % steps_per_epoch == 0 or extra)
             if step % args.log_every == 0 or ckpt_due or step >= stop:
-                finite = log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc)
-                if not finite:
+                finite = log.write(step, epoch=epoch, lr=lr, gan_on=use_gan,
+                                   disc_on=train_disc)
+                if not finite:  # the loss became non-finite on some rank
                     common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if master and grid_due:
-                save_recon_grid(stage1_ema, fixed, args.out, step, autocast)
+                save_recon_grid(stage1_ema, fixed, args.out, step, precision)
             if ckpt_due:
-                log.save(step, lambda: checkpoint_record(args, step, world, steps_per_epoch, parts))
+                log.save(step, lambda: checkpoint_record(args, step, world, steps_per_epoch,
+                                                         parts))
             if step >= stop:
                 break
     log.bar.close()
 
     # norm2 of eq. 5 (clean tokens, EMA C, no flips), measured whenever the run stops
     if parts["norm2"] is None:
-        say("computing the compact statistics norm2 (eq. 5) with the EMA compressor")
-        with autocast():
+        print0("computing the compact statistics norm2 (eq. 5) with the EMA compressor")
+        with common.autocast(device, precision):
             parts["norm2"] = measure_norm2(stage1_ema, batches(), device)
         if master:
             record = checkpoint_record(args, step, world, steps_per_epoch, parts)
             common.save_checkpoint(record, ckpt_path)
-    what = f"step {step}" if trains else "nothing to train (C and D frozen): wrote the statistics"
-    say(f"done, {what}; {ckpt_path} holds what stage 2 needs (E's path, D, C_enc/C_dec, the RAE "
-        f"statistics and norm2): python train_flow.py --data {args.data} --stage1 {ckpt_path} "
-        f"--out OUT")
+    what = f"step {step}" if trains else "nothing to train: wrote the statistics"
+    print0(f"done, {what}; {ckpt_path} feeds stage 2: python train_flow.py --data "
+           f"{args.data} --stage1 {ckpt_path} --out OUT")
     common.cleanup_ddp()
 
 
-def resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt):
-    """Load every state a checkpoint holds into the run's objects; returns its step."""
-    comp = resume["compressor"]
-    dec = resume["decoder"]  # its states are None unless D was trained
-    pairs = [
-        (C, comp["state"]),
-        (C_ema, comp["state_ema"]),
-        (decoder, dec["state"]),
-        (D_ema, dec["state_ema"]),
-        (opt, resume["optimizer"]),
-        (disc, resume["discriminator"]),
-        (disc_opt, resume["disc_optimizer"]),
-    ]
-    for obj, state in pairs:
-        if obj is not None and state is not None:
-            obj.load_state_dict(state)
-    common.restore_rng(resume["rng"])
-    return resume["step"]
-
-
 @torch.no_grad()
-def save_recon_grid(stage1_ema, fixed, out, step, autocast):
+def save_recon_grid(stage1_ema, fixed, out, step, precision):
     """recon/<step>.png: the fixed training images above the EMA's eq. 7 reconstructions."""
-    with autocast():
+    with common.autocast(fixed.device, precision):
         recon = stage1_ema(stage1_ema.encode_raw(fixed)).float()
     path = os.path.join(out, "recon", f"{step:07d}.png")
     common.save_grid(torch.cat([fixed, recon]), path, nrow=len(fixed))
@@ -413,16 +467,13 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", required=True, help="DINOv2 weights (.pth or HF snapshot)")
     p.add_argument("--decoder", default=None, help="released RAE decoder model.pt (frozen)")
-    p.add_argument("--train-decoder", action="store_true",
-                   help="build D from --decoder-* and train it with C (toy runs)")
+    p.add_argument("--train-decoder", action="store_true", help="build D and train it (toy runs)")
     p.add_argument("--decoder-width", type=int, default=1152, help="trained D's width")
     p.add_argument("--decoder-depth", type=int, default=28, help="trained D's layers")
-    p.add_argument("--decoder-heads", type=int, default=None,
-                   help="D's heads (default: 16 when trained, else RAE's for its width)")
+    p.add_argument("--decoder-heads", type=int, default=None, help="D's heads (default: RAE's)")
     p.add_argument("--decoder-mlp", type=int, default=4096, help="trained D's MLP width")
     p.add_argument("--rae-stats", default=None, help="RAE's stat.pt (default: measured)")
-    p.add_argument("--stats-images", type=int, default=0,
-                   help="images for the statistics and the PCA fit (0: all)")
+    p.add_argument("--stats-images", type=int, default=0, help="images for statistics (0: all)")
     p.add_argument("--image-size", type=int, default=256, help="image side")
     p.add_argument("--compressor", choices=list(COMPRESSORS), default="src",
                    help="C (Table 5): src, linear, pca (fitted) or identity (d = n)")
@@ -433,27 +484,23 @@ def build_parser():
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr of C, D and the disc.")
     p.add_argument("--min-lr", type=float, default=2e-5, help="lr at the cosine's end")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs")
-    p.add_argument("--noise-max", type=float, default=0.8,
-                   help="sigma_src ~ U(0, noise_max) per image (eq. 7)")
+    p.add_argument("--noise-max", type=float, default=0.8, help="sigma_src ~ U(0, noise_max)")
     p.add_argument("--perceptual-weight", type=float, default=1.0, help="LPIPS weight")
     p.add_argument("--lpips-vgg", default=None, help=f"VGG16 weights ({losses.VGG16_URL})")
     p.add_argument("--lpips-lin", default=None, help=f"LPIPS heads ({losses.LPIPS_LIN_URL})")
     p.add_argument("--disc", choices=["dino", "patch"], default="dino",
                    help="RAE's DINO-S/8 discriminator, or a weight-free PatchGAN")
-    p.add_argument("--disc-encoder", default=None,
-                   help=f"DINO ViT-S/8 weights ({losses.DINO_S8_URL})")
+    p.add_argument("--disc-encoder", default=None, help=f"DINO ViT-S/8 ({losses.DINO_S8_URL})")
     p.add_argument("--disc-width", type=int, default=64, help="PatchGAN's first width")
     p.add_argument("--disc-weight", type=float, default=0.75, help="GAN loss weight")
     p.add_argument("--disc-start", type=int, default=8,
                    help="epoch (not step) the GAN loss starts: --max-steps runs that end "
                         "sooner train without it")
-    p.add_argument("--disc-upd-start", type=int, default=6,
-                   help="epoch (not step) the discriminator starts to train")
+    p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of C and D")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between grids")
-    p.add_argument("--ckpt-every", type=int, default=2500,
-                   help="steps between extra checkpoints (0: epoch ends)")
+    p.add_argument("--ckpt-every", type=int, default=2500, help="steps between checkpoints")
     common.add_run_arguments(p)
     return p
 
@@ -462,26 +509,21 @@ def check_args(args):
     """One-line errors for settings that cannot run, before any file is read."""
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be positive, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
     if args.train_decoder and args.image_size % 16:
-        raise UserError(f"--image-size must be a multiple of 16 (the trained decoder's patch), "
-                        f"got {args.image_size}")
+        raise UserError("--image-size must be a multiple of 16 (D's patch)")
     if args.noise_max < 0:
         raise UserError(f"--noise-max must be >= 0, got {args.noise_max}")
     if args.train_decoder == (args.decoder is not None):
-        raise UserError("give exactly one of --decoder PATH (a released RAE decoder, frozen) and "
-                        "--train-decoder")
+        raise UserError("give one of --decoder PATH and --train-decoder")
     if args.compressor in ("pca", "identity") and not args.train_decoder:
         return args  # nothing to train: the loss weights are not needed
     if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
         raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
-                        f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}); or pass "
-                        f"--perceptual-weight 0")
+                        f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}), or 0")
     if args.disc_weight > 0 and args.disc == "dino" and not args.disc_encoder:
-        raise UserError(f"--disc dino needs --disc-encoder (DINO ViT-S/8 weights, "
-                        f"{losses.DINO_S8_URL}); use --disc patch for a discriminator without "
-                        f"pretrained weights, or --disc-weight 0")
+        raise UserError(f"--disc dino needs --disc-encoder ({losses.DINO_S8_URL}); or use "
+                        f"--disc patch (no weights) or --disc-weight 0")
     return args
 
 

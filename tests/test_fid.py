@@ -488,48 +488,63 @@ def test_sources_folder_and_npz_agree(weights, tmp_path):
 def test_tf32_is_off_inside_feature_extraction_and_restored(monkeypatch):
     """sample.py --cfg-sweep calls extract_features (and precision_recall) in a process that
     turned TF32 on, as training does: the network and the P/R distances must still run in full
-    float32, as TF and the CLI, and the caller's settings come back afterwards. torch 2.14 keeps
-    TF32 per op, cuDNN conv and CUDA matmul, and its kernels read those settings, so they are
-    what is recorded; both ways a caller turns TF32 on are covered."""
+    float32, as TF and the CLI, and the caller's settings come back afterwards. torch >= 2.9 keeps
+    TF32 per op, cuDNN conv and CUDA matmul, and its kernels read those settings, so fid.py sets
+    and records them; older torch has only the legacy allow_tf32 flags, which fid.py sets instead.
+    Both ways a caller turns TF32 on are covered, and the legacy branch runs on any torch (fid.py
+    told the per-op API is absent)."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    per_op = fid._PER_OP_TF32
     legacy_before = (cudnn.allow_tf32, matmul.allow_tf32)
-    per_op_before = (cudnn.conv.fp32_precision, matmul.fp32_precision)
+    per_op_before = (cudnn.conv.fp32_precision, matmul.fp32_precision) if per_op else None
     seen = []
+
+    def flags():
+        if fid._PER_OP_TF32:
+            return cudnn.conv.fp32_precision, matmul.fp32_precision
+        return cudnn.allow_tf32, matmul.allow_tf32
 
     class Recorder(torch.nn.Module):
         def features(self, x):
-            seen.append((cudnn.conv.fp32_precision, matmul.fp32_precision))
+            seen.append(flags())
             n = len(x)
             return torch.zeros(n, 2048), torch.zeros(n, 1008), torch.zeros(n, 2023)
 
     sq_dists = fid._sq_dists
 
     def recording_sq_dists(a, b):
-        seen.append((cudnn.conv.fp32_precision, matmul.fp32_precision))
+        seen.append(flags())
         return sq_dists(a, b)
 
     monkeypatch.setattr(fid, "_sq_dists", recording_sq_dists)
     images = fid.ArrayImages(np.zeros((3, 8, 8, 3), np.uint8))
     features = np.random.default_rng(0).standard_normal((6, 4))
+    # (how the caller turns TF32 on, whether fid.py uses the per-op settings)
+    cases = [("legacy", False)] + ([("legacy", True), ("per-op", True)] if per_op else [])
     try:
-        for api in ("legacy", "per-op"):
+        for api, fid_per_op in cases:
+            monkeypatch.setattr(fid, "_PER_OP_TF32", fid_per_op)
             if api == "legacy":                          # as train_src.py / train_flow.py
                 cudnn.allow_tf32 = True
                 matmul.allow_tf32 = True
             else:
                 cudnn.conv.fp32_precision = "tf32"
                 matmul.fp32_precision = "tf32"
+            on = flags()
+            off = ("ieee", "ieee") if fid_per_op else (False, False)
+            assert on == (("tf32", "tf32") if fid_per_op else (True, True))
             seen.clear()
             pool, logits, spatial = fid.extract_features(Recorder(), images, batch_size=2, progress=False)
             assert pool.shape == (3, 2048) and len(seen) == 2       # two batches
             fid.precision_recall(features, features, k=1)
-            assert len(seen) > 2 and set(seen) == {("ieee", "ieee")}, seen
-            assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
+            assert len(seen) > 2 and set(seen) == {off}, seen
+            assert flags() == on
             if api == "legacy":
                 assert (cudnn.allow_tf32, matmul.allow_tf32) == (True, True)
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = legacy_before
-        cudnn.conv.fp32_precision, matmul.fp32_precision = per_op_before
+        if per_op:
+            cudnn.conv.fp32_precision, matmul.fp32_precision = per_op_before
 
 
 def test_adm_reference_batch_uses_stored_statistics(sparse_weights, tmp_path):

@@ -408,6 +408,10 @@ def test_load_dinov2_refuses_bad_inputs(tmp_path):
     with pytest.raises(ValueError) as e:
         rae.load_dinov2(tmp_path / "other.pth")
     one_line_error(e, tmp_path / "other.pth")
+    torch.save(dict(sd, pos_embed=sd["pos_embed"][:, :-1]), tmp_path / "grid.pth")   # 1 + 15 rows: no M x M grid
+    with pytest.raises(ValueError) as e:
+        rae.load_dinov2(tmp_path / "grid.pth")
+    assert "pos_embed" in one_line_error(e, tmp_path / "grid.pth")
 
 
 # -----------------------------------------------------------------------------
@@ -525,6 +529,12 @@ def test_rae_decoder_default_heads_and_refusals(tmp_path):
     with pytest.raises(ValueError) as e:
         rae.load_rae_decoder(tmp_path / "train.pt", num_heads=2)
     assert "training checkpoint" in one_line_error(e, tmp_path / "train.pt")
+    bad = rae_decoder_state_dict()
+    bad["decoder_pred.weight"] = bad["decoder_pred.weight"][:-1]                # 47 outputs: not p * p * 3
+    torch.save(bad, tmp_path / "pred.pt")
+    with pytest.raises(ValueError) as e:
+        rae.load_rae_decoder(tmp_path / "pred.pt", num_heads=2)
+    assert "decoder_pred" in one_line_error(e, tmp_path / "pred.pt")
 
 
 # -----------------------------------------------------------------------------
