@@ -8,6 +8,7 @@ command-line helpers (one-line errors). Images travel as uint8 (B, 3, S, S) from
 become floats in [0, 1] on the device.
 """
 
+import datetime
 import json
 import math
 import os
@@ -192,6 +193,7 @@ def make_loader(dataset, sampler, num_workers):
         drop_last=True,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,  # not forked again every epoch
     )
 
 
@@ -235,9 +237,11 @@ def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_exam
 
 
 # ---- torchrun
-def setup_ddp(device=None):
+def setup_ddp(device=None, timeout_min=60, group=False):
     """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot
-    (gloo); without torchrun one process. device ('cpu', 'cuda') overrides the choice."""
+    (gloo); without torchrun one process, with a process group of one if `group` (FSDP needs
+    one). device ('cpu', 'cuda') overrides the choice. timeout_min bounds a collective's wait:
+    long enough for rank 0 to write a checkpoint."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -249,7 +253,12 @@ def setup_ddp(device=None):
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        timeout = datetime.timedelta(minutes=timeout_min)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timeout)
+    elif group:
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     return rank, world, dev
 
 
@@ -323,12 +332,15 @@ def channel_stats(batches, fn, device, covariance=False):
 # ---- Training helpers
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model for the parameters; buffers are copied."""
-    # lerp_: e + (1 - decay) * (p - e), in place
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    """ema <- decay * ema + (1 - decay) * model for the parameters, in one fused call (also on
+    FSDP's sharded parameters); floating buffers are copied, integer ones (orders) are constant."""
+    params = [p.detach() for p in model.parameters()]
+    if params:  # (pca and identity compressors have none)
+        torch._foreach_lerp_(list(ema.parameters()), params, 1.0 - decay)
+    pairs = zip(ema.buffers(), model.buffers())
+    floats = [(e, b) for e, b in pairs if e.is_floating_point()]
+    if floats:
+        torch._foreach_copy_([e for e, _ in floats], [b for _, b in floats])
 
 
 def lr_schedule(step, warmup, decay_start, total, base, final):
@@ -362,10 +374,13 @@ def restore_rng(state):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(f) into path + '.tmp', then rename: a killed run never leaves half a file."""
+    """write(f) into path + '.tmp', flush it to disk, then rename: a killed run (or a crashed
+    machine) never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", mode) as f:
         write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
@@ -382,8 +397,8 @@ def load_checkpoint(path, stage):
     if not os.path.isfile(path):
         script = dict(src="train_src.py", flow="train_flow.py")[stage]
         raise FileNotFoundError(f"{path}: no such file; expected {script}'s checkpoint.pt")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # memory-mapped: only the tensors a caller reads come into host memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
     found = ckpt.get("stage") if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -531,6 +546,8 @@ def add_run_arguments(p):
     p.add_argument("--log-every", type=int, default=100, help="steps between log records")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out unreadable images")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any)")
+    p.add_argument("--dist-timeout", type=int, default=60,
+                   help="minutes a rank waits in a collective (e.g. for a checkpoint write)")
 
 
 def run_cli(main, args):

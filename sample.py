@@ -133,11 +133,14 @@ def load_models(args, job):
     return flow, record, stage1.to(job.dtype)
 
 
-def autocast_for(device, precision):
+def uses_bf16(device, precision):
     """bf16 autocast on GPU by default ('auto'); float32 or float64 weights otherwise."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def autocast_for(device, precision):
     kind = torch.device(device).type
-    bf16 = precision == "bf16" or (precision == "auto" and kind == "cuda")
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def to_uint8(images):
@@ -400,6 +403,8 @@ def main(args):
     out): torchrun then stops the other ranks, so a failure never hangs the job."""
     settings = check_args(args)
     rank, world, device = common.setup_ddp(args.device)
+    if args.batch_size is None:  # a GPU's batch: the flow's weights read once per token step
+        args.batch_size = 256 if device.type == "cuda" else 32
     dtype = torch.float64 if args.precision == "fp64" else torch.float32
     progress = rank == 0 and not args.no_progress
     job = Job(rank=rank, world=world, device=device, dtype=dtype,
@@ -418,6 +423,8 @@ def main(args):
             raise UserError("guidance and --score-step need a conditional flow")
         classes = parse_classes(args.classes, flow.num_classes)
         plan = class_plan(args.num_samples, flow.num_classes, classes, args.seed)
+        if uses_bf16(device, args.precision):
+            flow.cast_linears(torch.bfloat16)  # the same samples, no cast per token step
         if args.cfg_sweep:
             sweep(flow, stage1, plan, settings, args, job)
         else:
@@ -440,7 +447,7 @@ def check_args(args):
     """One-line errors for flags wrong before any model loads; the Stage1.generate settings."""
     for flag in ("--num-samples", "--batch-size", "--nll-draws"):
         value = getattr(args, flag[2:].replace("-", "_"))
-        if value < 1:
+        if value is not None and value < 1:
             raise UserError(f"{flag}: expected a positive integer, got {value}")
     floats(str(args.recon_noise), "--recon-noise")
     blocks = args.guide_blocks.split(",")
@@ -486,7 +493,7 @@ def build_parser():
     p.add_argument("--ref", help="FID reference (.npz or folder)")
     p.add_argument("--fid-weights", help="fid.py's Inception weights")
     p.add_argument("--seed", type=int, default=0, help="sample i's noise: (seed, i)")
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--batch-size", type=int, help="per rank (default: 256 on GPU, 32 on CPU)")
     p.add_argument("--device", help="default: cuda if any")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"], default="auto",
                    help="auto: bf16 autocast on GPU, else fp32 (NLL: fp32)")

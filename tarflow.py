@@ -50,6 +50,7 @@ SIZES = {
 # -log N(0; 0, 1): the Gaussian constant per dimension
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LN_EPS = 1e-6
+SCORE_CHUNK = 16  # score_step's images per autograd pass: XXL keeps ~0.75 GB of activations each
 
 
 def modulate(x, shift, scale):
@@ -344,22 +345,35 @@ class TARFlow(nn.Module):
             caches.append(torch.empty(shape, dtype=dtype, device=device))
         return caches
 
-    def score_step(self, z_c, labels, gamma):
+    def score_step(self, z_c, labels, gamma, chunk=SCORE_CHUNK):
         """SimFlow's score step (SimFlow eq. 6) on samples z_c from `reverse`, with exact gradients:
-        z_c + gamma * (grad log p(z_c | labels) - grad log p(z_c | null)). Works under no_grad and
+        z_c + gamma * (grad log p(z_c | labels) - grad log p(z_c | null)). Autograd keeps every
+        layer's activations, so `chunk` images are taken at a time. Works under no_grad and
         inference mode; the result is detached, in the affine dtype."""
         self.check_tokens(z_c, 'score_step')
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma)):
             raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")
         labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'score_step')
-        null = torch.full_like(labels, self.null_label)
-        with torch.inference_mode(False), torch.enable_grad():
-            # one batch [z_c; z_c] with the labels [cond; null]
-            both = z_c.detach().repeat(2, 1, 1).requires_grad_(True)
-            log_p = self.log_prob(both, torch.cat([labels, null]))
-            grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
-        grad_c, grad_u = grad.chunk(2)
-        return (z_c.to(grad_c.dtype) + gamma * (grad_c - grad_u)).detach()
+        steps = []
+        for z, y in zip(z_c.split(chunk), labels.split(chunk)):
+            null = torch.full_like(y, self.null_label)
+            with torch.inference_mode(False), torch.enable_grad():
+                # one batch [z; z] with the labels [cond; null]
+                both = z.detach().repeat(2, 1, 1).requires_grad_(True)
+                log_p = self.log_prob(both, torch.cat([y, null]))
+                grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
+            grad_c, grad_u = grad.chunk(2)
+            steps.append(z.to(grad_c.dtype) + gamma * (grad_c - grad_u))
+        return torch.cat(steps).detach()
+
+    def cast_linears(self, dtype):
+        """The Linear weights in dtype (bf16 to sample under bf16 autocast, which caches its casts
+        only for weights that need grad: a frozen fp32 flow is re-cast at every token step). The
+        same numbers; embeddings and the affine arithmetic keep their dtype."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                m.to(dtype)
+        return self
 
     def compute_dtype(self, device):
         """The dtype of the Transformer's keys and values: the autocast dtype if enabled."""

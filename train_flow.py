@@ -19,6 +19,14 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
@@ -33,7 +41,8 @@ GRID_SAMPLES = 8
 
 @torch.no_grad()
 def sample_grid(flow, stage1, guidance, seed, precision, path):
-    """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes)."""
+    """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes).
+    Under --fsdp every rank runs the flow (the caller gathers the EMA first); rank 0 decodes."""
     shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
     gen = torch.Generator().manual_seed(seed)
     device = stage1.mean2.device
@@ -47,7 +56,10 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
     else:
         guidance = 0.0
     with common.autocast(device, precision):
-        images = stage1.generate(flow, u, labels, guidance=guidance)
+        z_c = flow.reverse(u, labels, guidance=guidance)
+        if path is None:  # not rank 0
+            return
+        images = stage1.decode(z_c).float()
     common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
 
 
@@ -57,12 +69,58 @@ def build_flow(args, stage1, num_classes, device):
     flow = TARFlow(in_channels=stage1.C.d, num_tokens=stage1.rae.decoder.num_patches,
                    num_classes=num_classes, **SIZES[args.model]).to(device)
     ema = copy.deepcopy(flow).requires_grad_(False).eval()
+    if args.fsdp:
+        shard(flow, device, precision=common.precision_of(args.precision, device))
+        shard(ema, device, precision="fp32")
+    fused = device.type == "cuda" and not args.fsdp
     opt = torch.optim.AdamW(flow.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=device.type == "cuda")
+                            weight_decay=0.0, fused=fused)
     return flow, ema, opt
 
 
-def checkpoint_record(args, step, run):
+def shard(flow, device, precision):
+    """--fsdp (FSDP2): parameters, gradients and AdamW state split over the ranks, gathered one
+    flow block at a time in the forward and backward passes (a block computes its layers' class
+    modulations up front, so a block is the unit). bf16: gathered in bf16, gradients reduced in
+    float32; the inputs keep their dtype, so the affine arithmetic of eq. 3 stays float32."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
+    for block in flow.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(flow, mesh=mesh, mp_policy=policy)
+
+
+def gather_states(run, fsdp):
+    """The flow's, the EMA's and the optimizer's state dicts: under --fsdp gathered whole onto
+    rank 0's host (a collective: every rank calls it; the others get empty dicts)."""
+    if not fsdp:
+        return run["flow"].state_dict(), run["ema"].state_dict(), run["opt"].state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    flow = get_model_state_dict(run["flow"], options=options)
+    ema = get_model_state_dict(run["ema"], options=options)
+    opt = get_optimizer_state_dict(run["flow"], run["opt"], options=options)
+    return flow, ema, opt
+
+
+def restore(resume, run, fsdp):
+    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step."""
+    if fsdp:
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run["flow"], resume["flow"], options=options)
+        set_model_state_dict(run["ema"], resume["flow_ema"], options=options)
+        set_optimizer_state_dict(run["flow"], run["opt"], resume["optimizer"], options=options)
+    else:
+        run["flow"].load_state_dict(resume["flow"])
+        run["ema"].load_state_dict(resume["flow_ema"])
+        run["opt"].load_state_dict(resume["optimizer"])
+    common.restore_rng(resume["rng"])
+    return resume["step"]
+
+
+def checkpoint_record(args, step, run, states):
     """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
     reloads exactly what it saved, or fails loudly), weights, optimizer, RNG, and the stage-1
     record sample.py needs. `run` holds the run's flow, EMA, optimizer and facts by name."""
@@ -71,11 +129,11 @@ def checkpoint_record(args, step, run):
         args=vars(args),
         step=step,
         epoch=step // run["steps_per_epoch"],
-        flow_kind=type(run["flow"]).__name__,
+        flow_kind=TARFlow.__name__,  # the class built (FSDP wraps it in another)
         flow_config=run["flow"].config(),
-        flow=run["flow"].state_dict(),
-        flow_ema=run["ema"].state_dict(),
-        optimizer=run["opt"].state_dict(),
+        flow=states[0],
+        flow_ema=states[1],
+        optimizer=states[2],
         rng=common.capture_rng(),
         stage1=os.path.abspath(args.stage1),
         noise_std=args.noise_std,
@@ -91,13 +149,15 @@ def checkpoint_record(args, step, run):
 def main(args):
     # Setup DDP and precision
     check_args(args)
-    rank, world, device = common.setup_ddp(args.device)
+    rank, world, device = common.setup_ddp(args.device, args.dist_timeout, group=args.fsdp)
     master = rank == 0
     precision = common.precision_of(args.precision, device)  # bf16 on GPUs by default
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = common.resume_checkpoint(args, ckpt_path, "flow", RESUME_KEPT)
+    if resume is not None and bool(resume["args"].get("fsdp")) != args.fsdp:
+        raise UserError(f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with")
 
     # The frozen stage 1: E, the RAE statistics, C_enc and norm2 (eq. 8)
     stage1 = load_stage1(args.stage1, device, encoder=args.encoder, decoder=args.decoder)
@@ -120,23 +180,23 @@ def main(args):
         decay_epoch = args.epochs / 2
     decay_start = int(round(decay_epoch * steps_per_epoch))
 
-    # Create the flow, its EMA and the optimiser; resume
+    # Create the flow, its EMA and the optimiser; resume, then free what was read
     flow, ema, opt = build_flow(args, stage1, num_classes, device)
-    step = 0
-    if resume is not None:
-        flow.load_state_dict(resume["flow"])
-        ema.load_state_dict(resume["flow_ema"])
-        opt.load_state_dict(resume["optimizer"])
-        common.restore_rng(resume["rng"])
-        step = resume["step"]
     run = dict(flow=flow, ema=ema, opt=opt, num_classes=num_classes,
                image_size=image_size, precision=precision, world=world,
                steps_per_epoch=steps_per_epoch)
+    step = restore(resume, run, args.fsdp) if resume is not None else 0
+    resumed = resume is not None
+    del resume  # the checkpoint's mapping is released once nothing refers to it
     for block in flow.blocks:
         block.checkpointing = args.checkpoint_activations
+    if not master:  # only rank 0 decodes (the sample grids): the others drop D's weights
+        stage1.rae.decoder.to("meta")
     model = torch.compile(flow) if args.compile else flow
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world > 1 and not args.fsdp:  # DDP: gradients averaged in 100 MB buckets, no copies
+        ids = [device.index] if device.type == "cuda" else None
+        model = DDP(model, device_ids=ids, gradient_as_bucket_view=True,
+                    broadcast_buffers=False, bucket_cap_mb=100)
     if master:
         os.makedirs(args.out, exist_ok=True)
         millions = sum(p.numel() for p in flow.parameters()) / 1e6
@@ -150,7 +210,7 @@ def main(args):
     stop = min(args.max_steps or total_steps, total_steps)
     log = common.TrainLog(["loss", "grad_norm"], out=args.out, step=step,
                           total=total_steps, batch_size=B, device=device,
-                          master=master, resumed=resume is not None,
+                          master=master, resumed=resumed,
                           derive=lambda record: dict(bpd=bits_per_dim(record["loss"])),
                           show=("loss", "bpd", "lr"))
     flow.train()
@@ -194,6 +254,8 @@ def main(args):
             loss.backward()
             max_norm = args.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), max_norm)
+            if isinstance(grad_norm, DTensor):  # --fsdp: the norm over all shards
+                grad_norm = grad_norm.full_tensor()
             opt.step()
             common.update_ema(ema, flow, args.ema_decay)
             log.add(step, loss=loss, grad_norm=grad_norm)
@@ -208,11 +270,18 @@ def main(args):
                     common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
-            if master and grid_due:
-                path = os.path.join(args.out, "samples", f"{step:07d}.png")
+            if grid_due and (master or args.fsdp):
+                path = os.path.join(args.out, "samples", f"{step:07d}.png") if master else None
+                # --fsdp: sampling is token by token, so the whole EMA is gathered once for it
+                sharded = [m for m in ema.modules() if isinstance(m, FSDPModule)] if args.fsdp else []
+                for m in sharded:
+                    m.unshard()
                 sample_grid(ema, stage1, args.sample_cfg, args.seed, precision, path)
+                for m in sharded:
+                    m.reshard()
             if ckpt_due:
-                log.save(step, lambda: checkpoint_record(args, step, run))
+                states = gather_states(run, args.fsdp)
+                log.save(step, lambda: checkpoint_record(args, step, run, states))
             if step >= stop:
                 break
     log.bar.close()
@@ -245,6 +314,8 @@ def build_parser():
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (the paper's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the flow")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard weights, gradients, optimizer and EMA over the ranks (FSDP2)")
     p.add_argument("--checkpoint-activations", action="store_true", help="recompute in backward")
     p.add_argument("--grid-every", type=int, default=5000, help="steps between sample grids")
     p.add_argument("--sample-cfg", type=float, default=1.0, help="the grids' guidance")

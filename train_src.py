@@ -70,7 +70,8 @@ def build_compressor(args, n):
 
 
 def build_losses(args, device):
-    """LPIPS and the discriminator (None where their weight is 0), their files read now."""
+    """LPIPS, the discriminator (None where their weight is 0) and its trainable parameters (a
+    DINO discriminator's backbone stays frozen), their files read now."""
     lpips = None
     disc = None
     if args.perceptual_weight > 0:
@@ -80,7 +81,8 @@ def build_losses(args, device):
         disc = losses.DINODiscriminator(backbone).to(device)
     elif args.disc_weight > 0:
         disc = losses.PatchDiscriminator(args.disc_width).to(device)
-    return lpips, disc
+    disc_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
+    return lpips, disc, disc_params
 
 
 def image_batches(dataset, args, rank, world, device):
@@ -97,7 +99,8 @@ def set_statistics(args, rae, C, resume, batches, device):
     """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
     the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
     if resume is not None:
-        rae.set_stats(resume["rae_stats"]["mean"], resume["rae_stats"]["var"])
+        stats = resume["rae_stats"]  # copied: nothing keeps the checkpoint's mapping alive
+        rae.set_stats(stats["mean"].clone(), stats["var"].clone())
     elif args.rae_stats:
         rae.load_stats(args.rae_stats)
     else:
@@ -177,7 +180,7 @@ def generator_step(args, parts, net, batch, use_gan, lr):
     # the GAN loss's gradients flow through the discriminator, not into it
     train_discriminator(parts["disc"], parts["disc_params"], False)
     x = batch["x"]
-    with common.autocast(x.device, args.precision):
+    with common.autocast(x.device, parts["precision"]):
         recon = net(batch["z_raw"], batch["eps"]).float()  # eq. 7
         disc = parts["disc"] if use_gan else None
         loss, loss_parts = losses.generator_loss(
@@ -283,6 +286,10 @@ def resume_from(resume, parts):
     for name, state in saved.items():
         if parts[name] is not None and state is not None:
             parts[name].load_state_dict(state)
+    norm2 = resume["norm2"]  # copied: nothing keeps the checkpoint's mapping alive
+    if norm2 is not None:
+        parts["norm2"] = dict(mean=norm2["mean"].clone(), var=norm2["var"].clone(),
+                              eps=norm2.get("eps", 0.0))
     common.restore_rng(resume["rng"])
     return resume["step"]
 
@@ -303,9 +310,9 @@ def print0(text):
 def main(args):
     # Setup DDP, precision and the run folder
     check_args(args)
-    rank, world, device = common.setup_ddp(args.device)
+    rank, world, device = common.setup_ddp(args.device, args.dist_timeout)
     master = rank == 0
-    precision = args.precision
+    precision = common.precision_of(args.precision, device)  # bf16 on GPUs, as stage 2
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -329,7 +336,7 @@ def main(args):
     C = build_compressor(args, encoder.embed_dim).to(device)
     # pca and identity have no parameters: without --train-decoder nothing trains
     trains = args.train_decoder or len(list(C.parameters())) > 0
-    lpips, disc = build_losses(args, device) if trains else (None, None)
+    lpips, disc, disc_params = build_losses(args, device) if trains else (None, None, [])
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
 
     # The statistics of eq. 1 (and the PCA fit), the EMA copies of C and D
@@ -341,9 +348,6 @@ def main(args):
     model = Stage1(rae, C).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     has_disc = disc is not None
-    disc_params = []  # the heads: a DINO discriminator's backbone stays frozen
-    if has_disc:
-        disc_params = [p for p in disc.parameters() if p.requires_grad]
     parts = dict(  # the run's modules, optimisers and records, by name
         encoder=encoder,
         decoder=decoder,
@@ -360,12 +364,14 @@ def main(args):
         last_layer=decoder.decoder_pred.weight if args.train_decoder else C.last_layer(),
         rae_stats=rae_stats,
         norm2=None,
+        precision=precision,
         num_classes=len(dataset.classes),
         # the weights' fingerprints: stage 2 refuses other weights of these shapes
         encoder_print=fingerprint(encoder),
         decoder_print=None if args.train_decoder else fingerprint(decoder),
     )
     step = resume_from(resume, parts) if resume is not None else 0
+    resumed = resume is not None
     os.makedirs(args.out, exist_ok=True)
     millions = sum(p.numel() for p in trainable) / 1e6
     print0(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {len(dataset)} "
@@ -375,8 +381,9 @@ def main(args):
     # Train: eq. 7 with per-example noise, RAE's objective (DDP averages the gradients)
     net = wrap_ddp(model, world, device) if trains else model
     stop = min(args.max_steps or total_steps, total_steps) if trains else step
-    if resume is not None and stop <= step:
-        parts["norm2"] = resume["norm2"]  # still valid: C does not train on
+    if stop > step:  # C trains on: a resumed run's norm2 is stale, measured again at the end
+        parts["norm2"] = None
+    del resume  # the checkpoint's mapping is released once nothing refers to it
     raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
     gan_start = args.disc_start * steps_per_epoch
     disc_start = args.disc_upd_start * steps_per_epoch
@@ -385,7 +392,7 @@ def main(args):
         print_gan_plan(disc_start, gan_start, stop)
     log = common.TrainLog(LOG_KEYS, out=args.out, step=step,
                           total=total_steps if trains else step, batch_size=B,
-                          device=device, master=master, resumed=resume is not None,
+                          device=device, master=master, resumed=resumed,
                           show=("loss", "l1", "lr"))
     # the first training images, shown with their reconstructions in the grids
     fixed = next(batches())[:GRID_IMAGES]
@@ -498,7 +505,7 @@ def build_parser():
                         "sooner train without it")
     p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
     p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of C and D")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between grids")
     p.add_argument("--ckpt-every", type=int, default=2500, help="steps between checkpoints")
     common.add_run_arguments(p)

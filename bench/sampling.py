@@ -133,7 +133,12 @@ def main(args):
         for block in flow.blocks:
             for m in [block.ada_out, block.proj_out] + [layer.ada for layer in block.layers]:
                 m.weight.normal_(0, 0.02)
+    # frozen as sample.py holds it (autocast re-casts frozen weights per call; sample.py casts
+    # the Linear weights to bf16 once, as here, to avoid that)
     flow = flow.to(device, torch.float64 if dtype == torch.float64 else torch.float32).eval()
+    flow.requires_grad_(False)
+    if dtype == torch.bfloat16:
+        flow.cast_linears(torch.bfloat16)
     if args.compile:
         for block in flow.blocks:
             block.step = torch.compile(block.step, dynamic=True)

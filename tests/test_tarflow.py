@@ -179,6 +179,22 @@ def test_bf16_autocast_keeps_affine_in_float32():
     assert (x_plain - x).abs().max() < 0.1
 
 
+def test_bf16_linear_weights_sample_the_same_under_autocast():
+    """Sampling casts the frozen flow's Linear weights to bf16 once (autocast would re-cast them at
+    every token step): the same samples and score step as the fp32 weights under bf16 autocast."""
+    flow = make_flow(dtype=torch.float32).requires_grad_(False)
+    cast = make_flow(dtype=torch.float32).requires_grad_(False).cast_linears(torch.bfloat16)
+    assert {m.weight.dtype for m in cast.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
+    assert cast.blocks[0].pos_embed.dtype == torch.float32            # embeddings keep theirs
+    z, y = torch.randn(3, N, D), torch.tensor([0, 1, 2])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for blocks in ('all', 'deep'):
+            a = flow.reverse(z, y, guidance=1.5, guide_blocks=blocks)
+            b = cast.reverse(z, y, guidance=1.5, guide_blocks=blocks)
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), blocks
+        assert torch.equal(flow.score_step(a, y, 0.3), cast.score_step(a, y, 0.3))
+
+
 def test_learns_known_entropy():
     """Maximum likelihood (eq. 9) on class-conditional Gaussian AR(1) tokens reaches the true NLL.
 
@@ -421,3 +437,34 @@ def test_score_step_matches_closed_form(dtype, tol):
     with torch.inference_mode():
         torch.testing.assert_close(flow.score_step(x.to(dtype), y, gamma), out, rtol=0, atol=0)
     assert torch.equal(flow.score_step(x.to(dtype), y, 0.0), x.to(dtype))  # gamma = 0: x unchanged
+    # in chunks of images (the memory bound): the same step, each example on its own
+    same = 1e-12 if dtype == torch.float64 else 1e-6   # batch composition may move float32's last bits
+    torch.testing.assert_close(flow.score_step(x.to(dtype), y, gamma, chunk=3), out, rtol=0, atol=same)
+    torch.testing.assert_close(flow.score_step(x.to(dtype), y, gamma, chunk=1), out, rtol=0, atol=same)
+
+
+def test_loading_a_flow_reads_only_its_weights(tmp_path):
+    """load_flow memory-maps the checkpoint: the host's peak memory grows by about the weights it
+    loads, not by the optimizer state stored beside them (measured in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+    import tarflow
+    flow = TARFlow(32, 64, channels=256, depths=[2, 2], head_dim=64, num_classes=10)   # 4.8M: 19 MB
+    optimizer = {f"state{i}": torch.randn(1 << 22) for i in range(24)}                 # 24 x 16 MB
+    torch.save(dict(stage="flow", flow_kind="TARFlow", flow_config=flow.config(), flow=flow.state_dict(),
+                    flow_ema=flow.state_dict(), optimizer=optimizer, rng=None), tmp_path / "flow.pt")
+    # the peak resident memory (VmHWM), reset after the imports (clear_refs 5): a child process
+    # would otherwise inherit the parent's peak
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(tarflow.__file__)!r})\n"
+              "import tarflow\n"
+              "def peak():\n"
+              "    line = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+              "    return int(line.split()[1]) / 1024  # MB\n"
+              "open('/proc/self/clear_refs', 'w').write('5')\n"
+              f"before = peak(); flow, record = tarflow.load_flow({str(tmp_path / 'flow.pt')!r}); "
+              "print(peak() - before, sorted(record))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    grown, keys = out.stdout.split(" ", 1)
+    assert float(grown) < 120, out.stdout               # ~2 x 19 MB of weights, not the 384 MB beside them
+    assert "optimizer" not in keys and "flow_ema" not in keys

@@ -574,8 +574,8 @@ def fail(*args, **kwargs):
 
 setattr(owner, {name!r}, fail)
 argv = {argv!r}
-if {module!r} == "fid":
-    sys.exit(fid.main(argv))
+if {module!r} == "fid":  # as fid.py's __main__
+    sys.exit(common.run_cli(fid.main, argv))
 common.run_cli({module}.main, {module}.build_parser().parse_args(argv))
 """
 
@@ -609,3 +609,44 @@ def test_an_error_on_one_rank_ends_the_job_within_seconds(toy, stage1, stage2, s
     assert "error: injected failure on rank 1" in res.stderr.splitlines(), res.stderr[-2000:]
     assert not [l for l in res.stderr.splitlines() if l.startswith("[rank")], res.stderr[-2000:]  # no traceback
     assert seconds < 90, seconds      # start-up, the runs up to the failure and torchrun's stop; no timeout wait
+
+
+# -----------------------------------------------------------------------------
+# --fsdp: FSDP2 sharding of the flow, its optimizer and its EMA
+
+def test_fsdp_matches_one_process_resumes_exactly_and_samples(toy, stage1, stage2, capsys):
+    """train_flow.py --fsdp with 2 processes (gloo) == 1 plain process with the same global batch,
+    its --resume == an uninterrupted --fsdp run bit for bit, and sample.py reads its checkpoint
+    (full state dicts with the plain layout's keys) as the same weights saved without FSDP."""
+    import sample
+    from tarflow import TARFlow
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2f", ["--fsdp"]), nproc=2)
+    plain = load(stage2)
+    fsdp = load(toy / "s2f" / "checkpoint.pt")
+    assert fsdp["step"] == plain["step"] == 9 and fsdp["args"]["fsdp"]
+    for key in ("flow", "flow_ema"):
+        assert {k: v.shape for k, v in fsdp[key].items()} == {k: v.shape for k, v in plain[key].items()}
+        assert max_diff(plain[key], fsdp[key]) < 1e-4, key           # summation order only
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2fr", ["--fsdp", "--max-steps", 4]), nproc=2)
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2fr", ["--fsdp", "--resume"]), nproc=2)
+    resumed = load(toy / "s2fr" / "checkpoint.pt")
+    for key in ("flow", "flow_ema"):
+        assert_equal_states(fsdp[key], resumed[key])
+    code, err = cli(train_flow, flow_args(toy, stage1, toy / "s2fr", ["--resume"]), capsys)
+    assert code == 2 and "--fsdp" in err                                # no silent mode switch
+    flow = TARFlow(**fsdp["flow_config"])
+    flow.load_state_dict(fsdp["flow_ema"])
+    torch.save(dict(fsdp, flow_ema=flow.state_dict()), toy / "s2f" / "plain.pt")
+    outs = {}
+    for name in ("checkpoint.pt", "plain.pt"):
+        argv = ["--ckpt", toy / "s2f" / name, "--out", toy / "s2f" / name[:-3], "--num-samples", 3,
+                "--cfg", 1.5, "--no-png", "--no-progress", "--device", "cpu"]
+        assert common.run_cli(sample.main, sample.build_parser().parse_args([str(a) for a in argv])) is None
+        outs[name] = np.load(toy / "s2f" / name[:-3] / "samples.npz")["arr_0"]
+    assert (outs["checkpoint.pt"] == outs["plain.pt"]).all()
+    # bf16 (parameters gathered in bf16, gradients reduced in float32, the affine part in float32)
+    run("train_flow.py", flow_args(toy, stage1, toy / "s2fb", ["--fsdp", "--precision", "bf16",
+                                                               "--max-steps", 2]), nproc=2)
+    record = [json.loads(line) for line in open(toy / "s2fb" / "log.jsonl")][-1]
+    assert math.isfinite(record["loss"]) and abs(record["loss"] - json.loads(
+        open(toy / "s2" / "log.jsonl").readlines()[1])["loss"]) < 0.05
