@@ -57,8 +57,8 @@ from tarflow import bits_per_dim, load_flow, nll_per_dim
 GRID_PAIRS = 8
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
 # --invert: the largest round-trip error max |f^{-1}(f(z_c)) - z_c| accepted per image, by
-# precision. Measured: float32 1e-5 (random-weight flows of 4-256 tokens, toy flows), float64
-# 1e-14; a larger error means a broken inverse (or an unstable flow), not rounding.
+# precision. Measured in float32: up to 1.2e-5 (random-weight flows of 4 to 256 tokens, the
+# demo's flow); in float64: 1e-14. More means a broken inverse or an unstable flow.
 ROUND_TRIP_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 # slerp(): below this sin(theta) two points count as parallel
 SLERP_EPS = 1e-6
