@@ -12,8 +12,12 @@ the real scripts exactly as a user would, two ranks each (torchrun --nproc_per_n
                adversarial losses with the weight-free discriminator, no perceptual loss);
   4. stage 2   train_flow.py trains a tiny class-conditional TARFlow on z_c (eq. 8, 9);
   5. samples   sample.py draws a class-labelled grid without and with guidance (eq. 10);
-  6. NLL       sample.py --nll: exact held-out NLL of the compact features (eq. 2);
-  7. toy FID   fid.py's Inception-v3 with *seeded random weights* and BatchNorm statistics
+  6. NLL       sample.py --nll: exact held-out NLL of the compact features (eq. 2), per image
+               in nll.csv and the most / least likely images in nll.png;
+  7. inverse   sample.py --invert: one held-out image per class to its prior point u = f(z_c)
+               and back (the round-trip error is printed); sample.py --interpolate: a slerp
+               path in the prior between two of them, without and with guidance;
+  8. toy FID   fid.py's Inception-v3 with *seeded random weights* and BatchNorm statistics
                calibrated on the demo images, for samples (w = 0 and w > 0) and reconstructions
                against the held-out images. A sanity signal for this toy run only: it is NOT
                comparable to published FIDs, which use the trained TF Inception weights.
@@ -26,6 +30,7 @@ Writes OUT/metrics.json and prints where the pictures are (OUT/samples_w0/grid.p
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +61,7 @@ BATCH = 64                      # global batch (2 ranks x 32)
 NUM_SAMPLES = 60                # per guidance scale: 10 per class (Inception on 2 CPU cores is slow)
 GUIDANCE = 2.0
 SEED = 0
+INTERPOLATE = (0, 3)            # the path's ends: indices into the inverted images (one per class)
 
 
 # -----------------------------------------------------------------------------
@@ -186,6 +192,13 @@ def toy_fid(model, ref_images, gen_images):
     return float(fid.frechet_distance(*stats[1], *stats[0]))
 
 
+def small_copy(src, dst, colors=64):
+    """A README-sized copy of a picture: half the size, a palette of `colors` (tens of KB)."""
+    im = Image.open(src).convert("RGB").reduce(2).quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    im.save(dst, optimize=True)
+
+
 def load_npz_images(path):
     with np.load(path) as f:
         return f["arr_0"], f["arr_1"]
@@ -257,7 +270,30 @@ def main(args):
         nll = json.load(f)
     step("held-out NLL", t0)
 
-    # 7. reconstructions (the rFID command) and toy FIDs against the held-out images
+    # 7. what only a flow can do: exact inversion, interpolation in the prior
+    t0 = time.time()
+    showcase = os.path.join(out, "data", "showcase")         # the first held-out image of each class
+    for k in range(len(CLASSES)):
+        os.makedirs(os.path.join(showcase, class_folder(k)), exist_ok=True)
+        shutil.copy(os.path.join(heldout_dir, class_folder(k), "00000.png"), os.path.join(showcase, class_folder(k)))
+    inv_dir = os.path.join(out, "inversion")
+    torchrun("sample.py", ["--ckpt", flow, "--invert", showcase, "--out", inv_dir, "--batch-size", 30, "--no-progress"],
+             os.path.join(out, "invert.log"))
+    latents = os.path.join(inv_dir, "latents.npz")
+    with np.load(latents) as f:
+        round_trip = float(f["error"].max())
+    interp_dir = os.path.join(out, "interpolation")
+    torchrun("sample.py", ["--ckpt", flow, "--interpolate", *INTERPOLATE, "--latents", latents, "--label", "a",
+                           "--cfg", GUIDANCE, "--steps", 8, "--out", interp_dir, "--no-progress"],
+             os.path.join(out, "interpolate.log"), nproc=1)
+    flow_pictures = {"inversion": os.path.join(inv_dir, "grid.png"),
+                     "interpolation": os.path.join(interp_dir, "interpolation.png"),
+                     "likelihood": os.path.splitext(nll_json)[0] + ".png"}   # most / least likely images
+    for name, path in flow_pictures.items():                 # the README's pictures (docs/)
+        small_copy(path, os.path.join(out, "docs", f"{name}.png"))
+    step("inversion + interpolation", t0)
+
+    # 8. reconstructions (the rFID command) and toy FIDs against the held-out images
     t0 = time.time()
     rdir = os.path.join(out, "reconstructions")
     torchrun("sample.py", ["--reconstruct", heldout_dir, "--stage1", stage1, "--out", rdir, "--batch-size", 30,
@@ -289,8 +325,10 @@ def main(args):
         heldout_nll_bits_per_dim=dict(noisy=nll["nll_bpd_noisy"], noisy_sem=nll["nll_bpd_noisy_sem"],
                                       clean=nll["nll_bpd_clean"], clean_sem=nll["nll_bpd_clean_sem"],
                                       dims=nll["dims"], noise_std=nll["noise_std"]),
+        round_trip_max_error=round_trip,
         timings_s=dict(timings, total=round(time.time() - t_start, 1)),
-        paths=dict(grids=grids, reconstructions=recon_grid, stage1=stage1, flow=flow, data=os.path.join(out, "data")),
+        paths=dict(grids=grids, reconstructions=recon_grid, **flow_pictures, stage1=stage1, flow=flow,
+                   data=os.path.join(out, "data")),
     )
     with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
         json.dump(metrics, f, indent=2)
@@ -299,11 +337,15 @@ def main(args):
           + ", ".join(f"{k} {v:.1f}" for k, v in fids.items()))
     print(f"held-out NLL: {nll['nll_bpd_noisy']:.3f} +- {nll['nll_bpd_noisy_sem']:.3f} bits/dim (noisy z_c), "
           f"{nll['nll_bpd_clean']:.3f} +- {nll['nll_bpd_clean_sem']:.3f} (clean)")
+    print(f"round trip f^-1(f(z_c)) of {len(CLASSES)} held-out images (float32): max |error| {round_trip:.1e}")
     print("pictures:")
     for k, v in grids.items():
         print(f"  samples {k}: {v}")
     print(f"  reconstructions: {recon_grid}")
-    print(f"metrics (toy FIDs, held-out NLL, timings, paths): {os.path.join(out, 'metrics.json')}")
+    for k, v in flow_pictures.items():
+        print(f"  {k}: {v}")
+    print(f"  small copies for the README: {os.path.join(out, 'docs')}")
+    print(f"metrics (toy FIDs, held-out NLL, round trip, timings, paths): {os.path.join(out, 'metrics.json')}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The README's recipe runs as written: every command of its "Reproducing the paper" block is parsed and run,
-in order, in a folder holding tiny stand-ins of each file it names (random weights in the real layouts:
+"""The README's recipe runs as written: every command of its "Reproducing the paper" block, then of its "What only
+a flow can do" block, is parsed and run, in order, in a folder holding tiny stand-ins of each file it names (random weights in the real layouts:
 the official DINOv2 .pth, RAE's decoder model.pt, torchvision's VGG16, the LPIPS v0.1 heads, a DINO ViT,
 the FID Inception state dict, an ADM reference batch). Only sizes are overridden (flags appended after the
 README's own, so argparse takes them): a flag the README uses that the code lost fails here. `torchrun` lines
@@ -8,6 +8,7 @@ run under torchrun with two processes (gloo on CPU), `python` lines as one proce
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -31,14 +32,16 @@ TINY = {  # what each script gets appended (sizes, one CPU process), by script a
     "sample.py": ["--num-samples", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
     "sample.py --nll": ["--limit", 3, "--nll-draws", 1, "--batch-size", 4, "--device", "cpu", "--no-progress"],
     "sample.py --reconstruct": ["--limit", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "sample.py --invert": ["--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "sample.py --interpolate": ["--steps", 3, "--device", "cpu", "--no-progress"],
     "fid.py": ["--batch-size", 4, "--device", "cpu", "--no-progress"],
 }
 
 
-def recipe_commands():
-    """The shell commands of the README's "Reproducing the paper" bash block, continuation lines joined."""
+def recipe_commands(section="Reproducing the paper"):
+    """The shell commands of the first bash block of the README's `section`, continuation lines joined."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = re.search(r"## Reproducing the paper.*?```bash\n(.*?)```", text, re.S).group(1)
+    block = re.search(rf"## {section}.*?```bash\n(.*?)```", text, re.S).group(1)
     commands, line = [], ""
     for raw in block.splitlines():
         if raw.strip().startswith("#") or not raw.strip():
@@ -90,14 +93,21 @@ def test_readme_recipe_runs_as_written(tmp_path):
     commands = recipe_commands()
     scripts = [next(a for a in c if a.endswith(".py")) for c in commands]
     assert scripts[:2] == ["train_src.py", "sample.py"] and "train_flow.py" in scripts and "fid.py" in scripts
+    flow_commands = recipe_commands("What only a flow can do")
+    assert [m for c in flow_commands for m in c if m in ("--invert", "--interpolate", "--nll")] == [
+        "--invert", "--interpolate", "--interpolate", "--nll"]
     train, val = write_stand_ins(tmp_path)
+    held = sorted(val.rglob("*.png"))                    # two image files of the stage-1 size (tiny: 32 px)
+    shutil.copy(held[0], tmp_path / "a.png")
+    shutil.copy(held[-1], tmp_path / "b.png")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for argv in commands:
+    for argv in commands + flow_commands:
         assert argv[0] in ("python", "torchrun"), argv
         i = next(k for k, a in enumerate(argv) if a.endswith(".py"))
         script, args = argv[i], [a.replace("/data/imagenet/train", str(train)).replace("/data/imagenet/val", str(val))
                                  for a in argv[i + 1:]]
-        mode = next((f"{script} {m}" for m in ("--nll", "--reconstruct") if m in args), script)
+        modes = ("--nll", "--reconstruct", "--invert", "--interpolate")
+        mode = next((f"{script} {m}" for m in modes if m in args), script)
         launcher = [sys.executable]  # torchrun lines run with two processes (gloo), as a user's would with N
         if argv[0] == "torchrun":
             launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -105,7 +115,9 @@ def test_readme_recipe_runs_as_written(tmp_path):
         res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(argv)}\n{res.stdout[-1500:]}\n{res.stderr[-2500:]}"
     for path in ("runs/src/checkpoint.pt", "runs/flow/checkpoint.pt", "recon/src/recon.npz", "recon/rae/recon.npz",
-                 "sweep/sweep.json", "samples/cfg/samples.npz", "samples/cfg/metrics.json", "val_stats.npz"):
+                 "sweep/sweep.json", "samples/cfg/samples.npz", "samples/cfg/metrics.json", "val_stats.npz",
+                 "inv/latents.npz", "inv/grid.png", "interp/interpolation.png", "interp/files/interpolation.png",
+                 "nll/val.json", "nll/val.csv", "nll/val.png"):
         assert (tmp_path / path).exists(), path
     with np.load(tmp_path / "val_stats.npz") as f:
         assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]

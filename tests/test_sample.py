@@ -1,6 +1,8 @@
 """sample.py: the sampling plan, eq. 10 end to end on a tiny trained pipeline, rank/batch
-independence, the npz/PNG/grid outputs, the exact NLL (eq. 2) and one-line errors."""
+independence, the npz/PNG/grid outputs, the exact NLL (eq. 2) and its CSV, inversion and interpolation in the
+prior, and one-line errors."""
 
+import csv
 import json
 import math
 import os
@@ -222,10 +224,48 @@ def test_nll_is_the_exact_flow_likelihood(pipeline):
     one = json.load(open(tmp / "nll1.json"))
     assert np.allclose([r["noisy"] for r in one["per_image"]], noisy, rtol=1e-5, atol=1e-5)
 
+    # the CSV beside the JSON holds the same per-image values, to the last bit
+    with open(tmp / "nll.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["path", "clean", "noisy"]
+    assert [[r[0], float(r[1]), float(r[2])] for r in table[1:]] == [[r["path"], r["clean"], r["noisy"]]
+                                                                      for r in res["per_image"]]
+    # the grid: the most likely images in the top row, the least likely in the bottom row (2x tiles, pad 2,
+    # 16 px title; the lower half of a tile is free of its label)
+    g = np.asarray(Image.open(tmp / "nll.png").convert("RGB"))
+    order = np.argsort(clean)
+    assert g.shape[:2] == (16 + 2 * 66 + 2, 6 * 66 + 2)
+    for row, ranked in enumerate((order, order[::-1])):
+        for col, i in enumerate(ranked):
+            y0, x0 = 16 + 2 + row * 66, 2 + col * 66
+            img = np.asarray(Image.open(paths[i]).convert("RGB")).repeat(2, 0).repeat(2, 1)
+            assert (g[y0 + 32:y0 + 64, x0:x0 + 64] == img[32:]).all(), (row, col)
+
 
 def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
     flow = pipeline["flow"]
+    held = pipeline["tmp"] / "heldout"
+    a = held / "c0" / "0.png"
+    Image.new("RGB", (40, 32)).save(tmp_path / "wide.png")
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "one.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"]) is None
+    latents = tmp_path / "inv" / "latents.npz"
+    inter = ["--ckpt", flow, "--out", tmp_path / "path", "--interpolate"]
     cases = [
+        (inter + [tmp_path / "missing.png", a], "missing.png"),
+        (inter + [a, tmp_path / "wide.png"], "wide.png: 40x32 pixels, expected the stage-1 size 32x32"),
+        (inter + [a, tmp_path / "junk.png"], "junk.png: unreadable image"),
+        (inter + [a, a, "--label", 3], "--label 3"),                          # the flow has classes 0, 1, 2
+        (inter + [a, a, "--label", "red"], "--label red"),
+        (inter + [a, a, "--label", "b"], "files have no label"),
+        (inter + [0, 9, "--latents", latents], "indices 0..5"),
+        (inter + [0, 1, "--latents", tmp_path / "nowhere.npz"], "--latents"),
+        (inter + [a, a, "--steps", 0], "--steps"),
+        (inter + [a, a, "--precision", "bf16"], "fp32 or fp64"),
+        (["--ckpt", flow, "--invert", tmp_path / "flat", "--out", tmp_path], "--uncond"),
+        (["--ckpt", flow, "--invert", held, "--out", tmp_path, "--invert-tol", 1e-12], "c0/0.png"),
         (["--ckpt", tmp_path / "missing.pt", "--out", tmp_path], "missing.pt"),
         (["--ckpt", flow, "--out", tmp_path, "--classes", "0,7"], "--classes"),
         (["--ckpt", flow, "--out", tmp_path, "--classes", "red"], "--classes"),
@@ -429,3 +469,131 @@ def test_moved_weights_need_only_the_override_flags(pipeline, tmp_path, capsys):
                               tmp_path / "other_decoder.pt"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "fingerprint" in err and "--decoder" in err, err
+
+
+# -----------------------------------------------------------------------------
+# What only a flow can do: exact inversion, interpolation in the prior.
+
+def test_slerp_keeps_norms_on_the_great_circle():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 256, 32, generator=g, dtype=torch.float64)
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    b_equal = b / b.norm() * a.norm()
+    path = sample.slerp(a, b_equal, t)
+    assert path.shape == (9, 256, 32)
+    assert torch.allclose(path[0], a, rtol=0, atol=1e-12) and torch.allclose(path[-1], b_equal, rtol=0, atol=1e-12)
+    norms = path.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, a.norm(), rtol=1e-12, atol=0)            # equal norms stay equal all along
+    assert (a + b_equal).norm() / 2 < 0.75 * a.norm()                    # where a straight line would pass
+    # independent: on the circle through orthonormal e1, e2 (a Gram-Schmidt pair), slerp is cos/sin of t * theta
+    e1 = a.flatten() / a.norm()
+    e2 = b.flatten() - (b.flatten() @ e1) * e1
+    e2 = e2 / e2.norm()
+    theta = torch.arccos((b.flatten() @ e1) / b.norm())
+    ref = torch.cos(t[:, None] * theta) * e1 + torch.sin(t[:, None] * theta) * e2
+    got = sample.slerp(a, b, t).flatten(1)
+    assert torch.allclose(got / got.norm(dim=1, keepdim=True), ref, atol=1e-12)
+    # unequal norms: the norm goes linearly from |a| to |b|
+    assert torch.allclose(got.norm(dim=1), (1 - t) * a.norm() + t * b.norm(), rtol=1e-12)
+    # parallel and nearly parallel points: finite, on the ray, norms linear
+    for other in (3 * a, 3 * a + 1e-12 * b):
+        near = sample.slerp(a, other, t).flatten(1)
+        assert torch.isfinite(near).all()
+        assert torch.allclose(near, ((1 - t) + 3 * t)[:, None] * a.flatten(), rtol=1e-9, atol=1e-9)
+
+
+def random_flow(pipeline, path, seed):
+    """The pipeline's flow checkpoint with all weights random (seeded Xavier init, zero-initialised layers woken)."""
+    from tarflow import TARFlow
+    ckpt = torch.load(pipeline["flow"], map_location="cpu", weights_only=False)
+    torch.manual_seed(seed)
+    state = TARFlow(**ckpt["flow_config"]).state_dict()
+    ckpt["flow"], ckpt["flow_ema"] = state, {k: v.clone() for k, v in state.items()}
+    torch.save(ckpt, path)
+    wake_zero_initialised_layers(path)
+    return str(path)
+
+
+def test_inversion_round_trip_is_exact(pipeline, tmp_path):
+    """--invert: u = f(z_c) of clean z_c under the class folders' labels, and back; the round-trip error of
+    random-weight flows is below 1e-8 in float64 and below the stated float32 tolerance with margin."""
+    held = pipeline["heldout"]
+    s1 = load_stage1(pipeline["stage1"]).double()
+    paths = sorted(str(p) for p in (pipeline["tmp"] / "heldout").rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths])
+    x = x.permute(0, 3, 1, 2).double() / 255
+    assert sample.ROUND_TRIP_TOL == {torch.float32: 1e-3, torch.float64: 1e-8}
+    for seed in (0, 1):
+        flow = random_flow(pipeline, tmp_path / f"random{seed}.pt", seed)
+        for precision, tol in (("fp64", 1e-8), ("fp32", 1e-3)):
+            out = tmp_path / f"{precision}-{seed}"
+            assert cli(["--ckpt", flow, "--invert", held, "--out", out, "--precision", precision,
+                        "--batch-size", 4, "--no-progress"]) is None
+            res = np.load(out / "latents.npz")
+            assert res["paths"].tolist() == paths and res["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+            assert res["error"].shape == (6,) and res["error"].max() <= tol / 100, (precision, res["error"])
+            # independent: z_c = norm2(C_enc(norm(E(x)))) (eq. 5) and u = f(z_c), in float64
+            f, _ = load_flow(flow)
+            f = f.double()
+            with torch.no_grad():
+                z_c = s1.encode(x)
+                u, _ = f(z_c, torch.from_numpy(res["labels"]))
+                back = f.reverse(torch.from_numpy(res["u"]).double(), torch.from_numpy(res["labels"]))
+            atol = 1e-10 if precision == "fp64" else 1e-4
+            assert np.allclose(res["z_c"], z_c.numpy(), atol=atol) and np.allclose(res["u"], u.numpy(), atol=atol)
+            err = (back - torch.from_numpy(res["z_c"]).double()).abs().flatten(1).amax(1)
+            assert err.max() <= (1e-8 if precision == "fp64" else 1e-5)
+    # grid.png: originals, reconstructions D(z_c), decodings of f^-1(u): three rows of the six images
+    assert Image.open(tmp_path / "fp32-0" / "grid.png").size == (6 * 66 + 2, 16 + 3 * 66 + 2)
+
+
+def test_inversion_under_torchrun_equals_one_process(pipeline, tmp_path):
+    args = ["sample.py", "--ckpt", pipeline["flow"], "--invert", pipeline["heldout"], "--no-progress",
+            "--device", "cpu"]
+    run(args + ["--out", tmp_path / "one", "--batch-size", 4])
+    res = run(args + ["--out", tmp_path / "two", "--batch-size", 2], nproc=2)
+    assert res.stdout.count("round trip") == 1                           # rank 0 reports
+    one, two = np.load(tmp_path / "one" / "latents.npz"), np.load(tmp_path / "two" / "latents.npz")
+    assert (one["paths"] == two["paths"]).all() and (one["labels"] == two["labels"]).all()
+    for key in ("u", "z_c"):
+        assert np.allclose(one[key], two[key], rtol=1e-5, atol=1e-5), key
+    assert not list((tmp_path / "two").glob(".shard*"))
+    a, b = (np.asarray(Image.open(tmp_path / n / "grid.png")).astype(int) for n in ("one", "two"))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_interpolation_ends_are_the_images_own_decodings(pipeline, tmp_path):
+    """--interpolate: slerp between f(z_c) of two images under one label; without guidance the path's ends decode to
+    the images' own decodings D(z_c), and every point is f^-1 of the slerp point; files or --invert indices."""
+    flow, held = pipeline["flow"], pipeline["tmp"] / "heldout"
+    a, b = held / "c0" / "0.png", held / "c2" / "1.png"
+    assert cli(["--ckpt", flow, "--interpolate", a, b, "--out", tmp_path / "files", "--label", 1, "--cfg", 2,
+                "--steps", 5, "--no-progress"]) is None
+    res = np.load(tmp_path / "files" / "interpolation.npz")
+    assert res["images"].shape == (2, 5, 32, 32, 3) and res["guidance"].tolist() == [0, 2]
+    assert np.allclose(res["t"], np.linspace(0, 1, 5))
+    f, _ = load_flow(flow)
+    s1 = load_stage1(pipeline["stage1"])
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in (a, b)])
+    y = torch.tensor([1, 1])
+    with torch.no_grad():
+        z_c = s1.encode(x.permute(0, 3, 1, 2).float() / 255)
+        own = sample.to_uint8(s1.decode(z_c))
+        u, _ = f(z_c, y)
+        mid = sample.slerp(u[0], u[1], torch.tensor([0.5]))
+        mid_image = sample.to_uint8(s1.decode(f.reverse(mid, y[:1])))
+    row = res["images"][0].astype(int)
+    assert np.abs(row[[0, -1]] - own.astype(int)).max() <= 1
+    assert np.abs(row[2] - mid_image[0].astype(int)).max() <= 1
+    assert (res["images"][1] != res["images"][0]).any()                 # the guided row
+    assert Image.open(tmp_path / "files" / "interpolation.png").size == (5 * 66 + 2, 16 + 2 * 66 + 2)
+
+    # indices into an --invert result, under A's label (class 0) and under the null label
+    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"]) is None
+    for label in ("a", "null"):
+        out = tmp_path / f"index-{label}"
+        assert cli(["--ckpt", flow, "--interpolate", 0, 5, "--latents", tmp_path / "inv" / "latents.npz",
+                    "--label", label, "--out", out, "--no-progress"]) is None
+        images = np.load(out / "interpolation.npz")["images"]
+        assert images.shape == (1, 8, 32, 32, 3)                          # no guidance asked: one row
+        assert np.abs(images[0, [0, -1]].astype(int) - own.astype(int)).max() <= 1
