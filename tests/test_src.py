@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from src import COMPRESSORS, PCA, SRC, Identity, Linear
 
 
-def reference_block(x, sd, prefix, heads):
-    """A pre-LN ViT block written out with plain tensor ops from the raw state dict."""
+def reference_block(x, sd, prefix, heads, tanh_gelu=False):
+    """A pre-LN ViT block written out with plain tensor ops from the raw state dict; the MLP's GELU exact, or its
+    tanh approximation (RAE's DINO discriminator: GELU(approximate='tanh'))."""
     B, N, C = x.shape
     h = F.layer_norm(x, (C,), sd[prefix + "norm1.weight"], sd[prefix + "norm1.bias"], eps=1e-6)
     qkv = h @ sd[prefix + "attn.qkv.weight"].T + sd[prefix + "attn.qkv.bias"]
@@ -23,7 +24,10 @@ def reference_block(x, sd, prefix, heads):
     x = x + o @ sd[prefix + "attn.proj.weight"].T + sd[prefix + "attn.proj.bias"]
     h = F.layer_norm(x, (C,), sd[prefix + "norm2.weight"], sd[prefix + "norm2.bias"], eps=1e-6)
     h = h @ sd[prefix + "mlp.fc1.weight"].T + sd[prefix + "mlp.fc1.bias"]
-    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+    if tanh_gelu:
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    else:
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
     return x + h @ sd[prefix + "mlp.fc2.weight"].T + sd[prefix + "mlp.fc2.bias"]
 
 

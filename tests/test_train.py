@@ -242,6 +242,56 @@ def test_dino_discriminator_reads_the_official_dino_layout(tmp_path, toy):
         losses.load_dino_backbone(str(toy / "dinov2.pth"))
 
 
+def test_dino_backbone_features_are_raes_with_the_tanh_gelu(tmp_path):
+    """The discriminator's DINO features against plain tensor ops on the raw state dict, as RAE computes them
+    (src/disc/dinodisc.py): [-1, 1] -> bilinear to 224 (here grid * patch) -> ImageNet normalisation -> patch
+    embedding, class token, positions -> pre-LN blocks whose MLP uses GELU(approximate='tanh'); tokens at the output
+    and after the tapped blocks, final norm unused. The exact GELU (DINO's own) misses by far more than the tolerance;
+    RAE's zeroing of the qkv key bias on load changes nothing (a constant per query under the softmax)."""
+    from test_src import reference_block
+    torch.manual_seed(0)
+    dim, depth, patch, grid = 64, 4, 8, 3
+    sd = {"cls_token": torch.randn(1, 1, dim), "pos_embed": torch.randn(1, 1 + grid * grid, dim),
+          "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch) * 0.1,
+          "patch_embed.proj.bias": torch.randn(dim) * 0.1, "norm.weight": torch.randn(dim), "norm.bias": torch.randn(dim)}
+    for i in range(depth):
+        for k, v in losses.Block(dim, 1).state_dict().items():
+            scale = 0.3 if "fc1" in k else 0.02                          # large MLP inputs: the GELUs differ there
+            sd[f"blocks.{i}.{k}"] = v + scale * torch.randn(v.shape)
+    torch.save(sd, tmp_path / "dino.pth")
+    backbone = losses.load_dino_backbone(str(tmp_path / "dino.pth"))
+    assert all(block.gelu == "tanh" for block in backbone.blocks) and backbone.taps == [2]
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+
+    def reference(tanh_gelu, zero_key_bias=False):     # in float64
+        sd64 = {k: v.double() for k, v in sd.items()}
+        for i in range(depth * zero_key_bias):          # as RAE's loader does: the softmax ignores it
+            sd64[f"blocks.{i}.attn.qkv.bias"][dim:2 * dim] = 0
+        h = torch.nn.functional.interpolate(x.double(), (grid * patch,) * 2, mode="bilinear", align_corners=False)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        h = ((h + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        h = torch.nn.functional.conv2d(h, sd64["patch_embed.proj.weight"], sd64["patch_embed.proj.bias"], stride=patch)
+        h = torch.cat([sd64["cls_token"].expand(2, -1, -1), h.flatten(2).transpose(1, 2)], 1) + sd64["pos_embed"]
+        taps = []
+        for i in range(depth):
+            h = reference_block(h, sd64, f"blocks.{i}.", 1, tanh_gelu=tanh_gelu)
+            if i == 2:
+                taps.append(h[:, 1:].transpose(1, 2))
+        return [h[:, 1:].transpose(1, 2)] + taps
+
+    with torch.no_grad():
+        feats = backbone(x)
+    for tanh_gelu in (True, False):
+        errors = [((f - r).abs().max() / r.abs().max()).item() for f, r in zip(feats, reference(tanh_gelu))]
+        assert len(errors) == 2
+        if tanh_gelu:
+            assert max(errors) < 1e-5, errors             # relative to the largest feature
+        else:
+            assert min(errors) > 5e-5, errors             # the exact GELU would fail this test
+    for a, b in zip(reference(True), reference(True, zero_key_bias=True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # common.py: schedules, sampler, data
 
