@@ -35,6 +35,8 @@ RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "com
                "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
 GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
+# RAE's stage-1 EMA (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's 0.9999 is the paper's
+EMA_DECAY = 0.9978
 # DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
 DIFFAUG_PARAMS = 5
 
@@ -497,7 +499,7 @@ def build_parser():
                    help="epoch (not step) the GAN loss starts: --max-steps runs that end "
                         "sooner train without it")
     p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of C and D")
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="EMA of C and D (RAE's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between grids")
     p.add_argument("--ckpt-every", type=int, default=2500, help="steps between checkpoints")

@@ -409,6 +409,7 @@ def test_every_argument_has_help_and_paper_defaults():
         (2e-4, 2e-5, 16, 256, 0.8, 32, 4)
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
     assert s.compressor == "src"
+    assert s.ema_decay == 0.9978        # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
     f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
     assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema_decay) == \
         (1e-4, 1e-6, 320, 256, 0.4, 0.1, 1.0, 0.9999)
