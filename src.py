@@ -38,8 +38,7 @@ def init_linear(module):
 
 class Compressor(nn.Module):
     """What every compressor has: n, d, kind, encode (C_enc), decode (C_dec), forward (eq. 4's
-    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer(), the weight whose
-    gradient sets stage 1's adaptive GAN weight (None when nothing trains)."""
+    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer()."""
 
     def __init__(self, n, d):
         super().__init__()
@@ -64,6 +63,9 @@ class Compressor(nn.Module):
         return self.decode(self.encode(z))
 
     def last_layer(self):
+        """The weight of stage 1's adaptive GAN weight: C_dec's last weight matrix, as VQGAN and
+        RAE take the generator's last (RAE: D's decoder_pred). A LayerNorm after it is skipped:
+        its per-channel affine is no layer's matrix. None when nothing trains."""
         return None
 
 
@@ -93,7 +95,7 @@ class SRC(Compressor):
         init_linear(self)
 
     def last_layer(self):
-        """C_dec's last linear layer: the last block's fc2 (the d -> n projection when L = 0)."""
+        """The last block's fc2, before dec_norm (the d -> n projection when L = 0)."""
         if self.depth == 0:
             return self.dec_proj.weight
         return self.dec_blocks[-1].mlp.fc2.weight

@@ -165,7 +165,9 @@ def test_compressor_shapes_config_round_trip_and_checks(kind):
 @pytest.mark.parametrize("kind,depth", [("src", 2), ("src", 0), ("linear", None), ("pca", None), ("identity", None)])
 def test_last_layer_is_the_last_trained_weight_of_the_decoder(kind, depth):
     """The adaptive GAN weight needs C_dec's last layer: the gradient of the output reaches it, and it is C_dec's
-    final weight (the last block's fc2; the d -> n projection when there are no blocks). None when nothing trains."""
+    final weight (the last block's fc2; the d -> n projection when there are no blocks). None when nothing trains.
+    The choice is VQGAN's and RAE's, the generator's last weight *matrix*: only 1-D parameters (fc2's bias, the
+    final LayerNorm's per-channel affine) come after it."""
     C = SRC(n=64, d=8, depth=depth, num_heads=2) if kind == "src" else build(kind)
     W = C.last_layer()
     if kind in ("pca", "identity"):
@@ -174,6 +176,11 @@ def test_last_layer_is_the_last_trained_weight_of_the_decoder(kind, depth):
     expected = {("src", 2): lambda: C.dec_blocks[1].mlp.fc2.weight, ("src", 0): lambda: C.dec_proj.weight,
                 ("linear", None): lambda: C.dec_proj.weight}[(kind, depth)]()
     assert W is expected and W.shape[0] == 64
+    params = list(C.parameters())                   # in forward order: C_enc, then C_dec
+    matrices = [p for p in params if p.dim() >= 2]
+    assert W is matrices[-1]
+    after = params[[p is W for p in params].index(True) + 1:]
+    assert after and all(p.dim() == 1 for p in after)
     C(torch.randn(2, 5, 64)).square().sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
 
