@@ -478,7 +478,7 @@ def build_parser():
     p.add_argument("--stats-images", type=int, default=0, help="images for statistics (0: all)")
     p.add_argument("--image-size", type=int, default=256, help="image side")
     p.add_argument("--compressor", choices=list(COMPRESSORS), default="src",
-                   help="C (Table 5): src, linear, pca (fitted) or identity (d = n)")
+                   help="C (Table 5): src, conv, linear, pca (fitted) or identity (d = n)")
     p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
     p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")

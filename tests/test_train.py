@@ -483,10 +483,12 @@ def training_images(toy):
     return torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
 
 
-@pytest.mark.parametrize("kind", ["linear", "identity"])
+@pytest.mark.parametrize("kind", ["linear", "identity", "conv"])
 def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
-    """linear at d = 4 and identity (d = n = 64), D trained with them: one step (a --max-steps stop writes
-    norm2), then save -> load_stage1 gives the pipeline rebuilt by hand, and a 2-step flow runs on it."""
+    """linear and conv at d = 4 and identity (d = n = 64), D trained with them: one step (a --max-steps stop writes
+    norm2), then save -> load_stage1 gives the pipeline rebuilt by hand, a 2-step flow runs on it and sample.py
+    samples from that flow."""
+    import sample
     import rae
     from src import COMPRESSORS
     out, ckpt_path = toy / f"s1_{kind}", toy / f"s1_{kind}" / "checkpoint.pt"
@@ -497,7 +499,7 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     assert ckpt["step"] == 1 and ckpt["norm2"] is not None and ckpt["compressor"]["kind"] == kind
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1]
     s1 = load_stage1(str(ckpt_path))
-    d = 4 if kind == "linear" else 64
+    d = 64 if kind == "identity" else 4
     assert s1.C.kind == kind and s1.C.d == d and s1.mean2.shape == s1.var2.shape == (d,)
     # the same pipeline rebuilt by hand from the stored states (EMA weights)
     D = rae.RAEDecoder(**ckpt["decoder"]["config"])
@@ -515,6 +517,10 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     args = flow_args(toy, ckpt_path, toy / f"s2_{kind}", ["--max-steps", 2, "--grid-every", 0])
     assert cli(train_flow, args, capsys)[0] == 0
     assert load(toy / f"s2_{kind}" / "checkpoint.pt")["step"] == 2
+    args = ["--ckpt", toy / f"s2_{kind}" / "checkpoint.pt", "--out", toy / f"samples_{kind}", "--num-samples", 2,
+            "--device", "cpu", "--no-progress"]
+    assert cli(sample, args, capsys)[0] == 0
+    assert np.load(toy / f"samples_{kind}" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
 
 
 def test_pca_compressor_is_the_svd_of_the_training_features(toy, tmp_path, capsys):
