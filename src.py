@@ -137,9 +137,11 @@ class ConvBlock(nn.Module):
     def forward(self, x):
         B, N, n = x.shape
         g = math.isqrt(N)
-        h = self.norm1(x).transpose(1, 2).reshape(B, n, g, g)  # the row-major token grid
+        # (B, N, n) -> (B, n, g, g): the tokens are the grid's rows, one after the other
+        h = self.norm1(x).transpose(1, 2).reshape(B, n, g, g)
         x = x + self.conv(h).flatten(2).transpose(1, 2)
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+        h = F.gelu(self.mlp.fc1(self.norm2(x)))
+        return x + self.mlp.fc2(h)
 
 
 class Conv(BlockCompressor):
@@ -150,7 +152,7 @@ class Conv(BlockCompressor):
 
     def __init__(self, n=768, d=32, depth=3, kernel=3, mlp_ratio=4.0):
         if depth < 0 or kernel % 2 == 0:
-            raise ValueError(f"Conv: need depth >= 0 and an odd kernel, got {depth}, {kernel}")
+            raise ValueError(f"Conv: depth {depth} < 0 or even kernel {kernel}")
         enc_blocks = [ConvBlock(n, kernel, mlp_ratio) for _ in range(depth)]
         dec_blocks = [ConvBlock(n, kernel, mlp_ratio) for _ in range(depth)]
         super().__init__(n, d, enc_blocks, dec_blocks)
@@ -162,7 +164,8 @@ class Conv(BlockCompressor):
         """x unchanged if it is tokens (B, N, width) on a square grid, else a one-line error."""
         N = super().check(x, width, name).shape[1]
         if math.isqrt(N) ** 2 != N:
-            raise ValueError(f"Conv.{name}: expected a square grid of N tokens, got N={N}")
+            raise ValueError(f"Conv.{name}: expected a square grid of N tokens, "
+                             f"got N={N}")
         return x
 
 
@@ -244,7 +247,13 @@ class Identity(Compressor):
         return self.check(z_c, self.d, "decode")
 
 
-COMPRESSORS = {"src": SRC, "conv": Conv, "linear": Linear, "pca": PCA, "identity": Identity}
+COMPRESSORS = {
+    "src": SRC,
+    "conv": Conv,
+    "linear": Linear,
+    "pca": PCA,
+    "identity": Identity,
+}
 
 
 # ---- The compact space: eq. 5, 7, 8, 10

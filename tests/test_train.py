@@ -325,6 +325,81 @@ def test_sampler_ranks_split_each_global_batch_and_resume_mid_epoch():
     assert list(one) == order[12:]
     one.set_epoch(3)
     assert list(one) != order
+    assert [i for i, _ in list(one)] != [i for i, _ in order] and {e for _, e in list(one)} == {3}   # keys: (index, epoch)
+
+
+def window_offset(crop, ref):
+    """The one (top, left) at which crop (S, S, 3) is a window of ref (H, W, 3), unflipped; else an AssertionError."""
+    S, (H, W) = crop.shape[0], ref.shape[:2]
+    first = np.argwhere((ref[:H - S + 1, :W - S + 1] == crop[0, 0]).all(-1))      # candidates: the corner pixel
+    found = [tuple(int(v) for v in p) for p in first if (ref[p[0]:p[0] + S, p[1]:p[1] + S] == crop).all()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_stage1_crop_is_raes_resize_then_uniform_random_crop(tmp_path):
+    """--crop random is RAE's stage-1 transform: torchvision's Resize(1.5 S, bicubic) on the short side (384 for
+    S = 256), then RandomCrop(S) with no flip. Each crop is found, unflipped, in torchvision's resize of the image; its
+    offsets over 2,000 epochs are uniform over every valid value (chi-square, fixed seeds: not flaky). An index
+    without an epoch (the statistics passes) is ADM's centre crop."""
+    from scipy import stats
+    from torchvision.transforms import InterpolationMode, Resize
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "a")
+    Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "a" / "0.png")
+    Image.fromarray(rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)).save(tmp_path / "a" / "1.png")
+    big = common.ImageFolder(str(tmp_path), 256, crop="random", seed=1)
+    ref = np.asarray(Resize(384, InterpolationMode.BICUBIC)(Image.open(tmp_path / "a" / "0.png")))
+    assert ref.shape == (384, 640, 3)                                   # the short side to 384
+    offsets = {window_offset(big[(0, epoch)][0].permute(1, 2, 0).numpy(), ref) for epoch in range(3)}
+    assert len(offsets) == 3 and all(t <= 128 and l <= 384 for t, l in offsets)
+    centre = common.center_crop_arr(Image.open(tmp_path / "a" / "0.png"), 256)
+    assert (big[0][0].permute(1, 2, 0).numpy() == np.asarray(centre)).all()
+    small = common.ImageFolder(str(tmp_path), 32, crop="random", seed=1)   # image 1: 40 x 64 -> 48 x 76
+    ref = np.asarray(Resize(48, InterpolationMode.BICUBIC)(Image.open(tmp_path / "a" / "1.png")))
+    assert ref.shape == (76, 48, 3)
+    tops, lefts = zip(*[window_offset(small[(1, e)][0].permute(1, 2, 0).numpy(), ref) for e in range(2000)])
+    for values, count in ((tops, 76 - 32 + 1), (lefts, 48 - 32 + 1)):
+        histogram = np.bincount(values, minlength=count)
+        assert len(histogram) == count and histogram.min() > 0          # every valid offset, none beyond
+        assert stats.chisquare(histogram).pvalue > 1e-3
+    assert stats.pearsonr(tops, lefts)[1] > 1e-3                        # top and left drawn independently
+
+
+def test_stage1_crops_follow_one_process_whatever_the_ranks_and_workers(toy):
+    """The crop of an example depends on (seed, epoch, image) only: the ranks' local batches of a 2-process run,
+    interleaved as EpochSampler deals them, are one process's global batches image for image, with or without
+    loader workers, persistent ones included (the epoch travels in the sampler's keys)."""
+    ds = common.ImageFolder(str(toy / "data"), 32, crop="random", seed=0)
+
+    def epochs(rank, world, workers):
+        sampler = common.EpochSampler(len(ds), 4, rank, world, seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4 // world, sampler=sampler, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        out = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            out.append(torch.stack([images for images, _ in loader]))   # (steps, local batch, 3, 32, 32)
+        return torch.stack(out)
+
+    one = epochs(0, 1, 0)
+    assert not torch.equal(one[0], one[1])                              # new crops (and order) each epoch
+    two = torch.empty_like(one)
+    two[:, :, 0::2] = epochs(0, 2, 2)
+    two[:, :, 1::2] = epochs(1, 2, 0)
+    assert torch.equal(two, one)
+    assert torch.equal(epochs(0, 1, 2), one)
+
+
+def test_stage1_flips_only_with_the_centre_crop():
+    """RAE's stage 1 does not flip: with --crop random a step has no flips; its eq. 7 noise and DiffAug draws are
+    those of --crop center (ADM's crop, flipped per global example)."""
+    args = argparse.Namespace(batch_size=8, seed=0, noise_max=0.8, crop="random")
+    flip, eps, aug = train_src.step_randomness(args, 3, (4, 16), 0, 1, torch.device("cpu"))
+    args.crop = "center"
+    flip_c, eps_c, aug_c = train_src.step_randomness(args, 3, (4, 16), 0, 1, torch.device("cpu"))
+    assert flip is None and flip_c.dtype == torch.bool and 0 < flip_c.sum() < 8
+    assert torch.equal(eps, eps_c) and all(torch.equal(a, b) for a, b in zip(aug, aug_c))
 
 
 def test_image_folder_errors_and_unreadable_files(tmp_path):
@@ -410,6 +485,7 @@ def test_every_argument_has_help_and_paper_defaults():
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
     assert s.compressor == "src"
     assert s.ema_decay == 0.9978        # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
+    assert s.crop == "random"           # RAE's stage-1 crop
     f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
     assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema_decay) == \
         (1e-4, 1e-6, 320, 256, 0.4, 0.1, 1.0, 0.9999)
