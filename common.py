@@ -1,11 +1,11 @@
 """What train_src.py, train_flow.py and sample.py share; no model lives here.
 
-In reading order: data (ADM's centre crop, ImageFolder, the resumable distributed sampler);
-per-example randomness, drawn for the whole global batch so that N processes compute what one
-does (encoder_noise: the noise of eq. 7 and 8); the torchrun set-up and collectives; training
-helpers (EMA, the LR schedule, RNG state, atomic files, checkpoints, TrainLog, grids); the
-command-line helpers (one-line errors). Images travel as uint8 (B, 3, S, S) from the loader and
-become floats in [0, 1] on the device.
+In reading order: data (ADM's centre crop, RAE's random crop, ImageFolder, the resumable
+distributed sampler); per-example randomness, drawn for the whole global batch so that N
+processes compute what one does (encoder_noise: the noise of eq. 7 and 8); the torchrun set-up
+and collectives; training helpers (EMA, the LR schedule, RNG state, atomic files, checkpoints,
+TrainLog, grids); the command-line helpers (one-line errors). Images travel as uint8
+(B, 3, S, S) from the loader and become floats in [0, 1] on the device.
 """
 
 import datetime
@@ -25,12 +25,15 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# RAE's stage-1 crop: the short side to 1.5 x the image size (384 for 256), then a random square
+RAE_RESIZE = 1.5
 
 # Random streams: with the global seed (and a step or image index) each seeds its own generator.
 # a training step's flips, eq. 7/8 noise, label drops and augmentation
 STREAM_STEP = 0
 STREAM_NLL = 1              # sample.py --nll: eq. 8's noise per image and draw
 STREAM_RECON = 2            # sample.py --reconstruct --recon-noise
+STREAM_CROP = 3             # train_src.py --crop random: image i's crop in epoch e
 STREAM_DATA_ORDER = 0xDA7A  # EpochSampler: the permutation of each epoch
 STREAM_CLASSES = 0x5EED     # sample.py --classes random
 
@@ -55,13 +58,30 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
+def random_crop(pil_image, image_size, seed):
+    """RAE's stage-1 crop (src/train_stage1.py): torchvision's Resize(1.5 x image_size), the short
+    side resized bicubically, then RandomCrop(image_size): top, then left, each uniform over
+    the valid offsets, drawn from seed. No flip."""
+    w, h = pil_image.size
+    short = int(image_size * RAE_RESIZE)
+    long = int(short * max(w, h) / min(w, h))
+    size = (short, long) if w <= h else (long, short)  # (width, height)
+    pil_image = pil_image.resize(size, resample=Image.BICUBIC)
+    gen = torch.Generator().manual_seed(seed)
+    top = int(torch.randint(size[1] - image_size + 1, (), generator=gen))
+    left = int(torch.randint(size[0] - image_size + 1, (), generator=gen))
+    return pil_image.crop((left, top, left + image_size, top + image_size))
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/**/<image> as (uint8 (3, S, S) after ADM's crop, label), labelled by the
-    sorted class folders (torchvision's order); flat=True: any folder of images, label 0. Flips
-    are drawn in the training step, per global example. `exclude` leaves out known-bad files.
+    """root/<class>/**/<image> as (uint8 (3, S, S), label), labelled by the sorted class folders
+    (torchvision's order); flat=True: any folder of images, label 0. `exclude` leaves out
+    known-bad files. An item is ADM's centre crop; with crop="random", an item asked for by
+    (index, epoch), EpochSampler's key, is RAE's random crop seeded by (seed, STREAM_CROP,
+    epoch, index): the same in any rank or loader worker. Flips are drawn in the training step.
     """
 
-    def __init__(self, root, image_size, exclude=(), flat=False):
+    def __init__(self, root, image_size, exclude=(), flat=False, crop="center", seed=0):
         if not os.path.isdir(root):
             layout = "an ImageFolder (one subfolder per class)"
             if flat:
@@ -69,6 +89,8 @@ class ImageFolder(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{root}: no such folder; expected {layout}")
         self.root = root
         self.image_size = image_size
+        self.crop = crop
+        self.seed = seed
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes and not flat:
             raise UserError(f"{root}: no class subfolders; expected root/<class>/<image>")
@@ -84,11 +106,18 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """key: an index, or EpochSampler's (index, epoch) (the random crop needs the epoch)."""
+        i, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                im = center_crop_arr(im.convert("RGB"), self.image_size)
+                im = im.convert("RGB")
+                if self.crop == "random" and epoch is not None:
+                    seed = seed_of(self.seed, STREAM_CROP, epoch, i)
+                    im = random_crop(im, self.image_size, seed)
+                else:
+                    im = center_crop_arr(im, self.image_size)
         # PIL raises many types: name the file and the cause in one line
         except Exception as e:
             raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove it or "
@@ -122,10 +151,11 @@ def decodes(paths):
     return flags
 
 
-def training_set(args, image_size, rank=0, world=1):
-    """The ImageFolder of --data. With --skip-bad-images every image is decoded first (split
-    over ranks and loader workers) and the unreadable ones are left out, listed by rank 0."""
-    dataset = ImageFolder(args.data, image_size)
+def training_set(args, image_size, rank=0, world=1, crop="center", seed=0):
+    """The ImageFolder of --data (crop, seed: see ImageFolder). With --skip-bad-images every
+    image is decoded first (split over ranks and loader workers) and the unreadable ones are
+    left out, listed by rank 0."""
+    dataset = ImageFolder(args.data, image_size, crop=crop, seed=seed)
     if not args.skip_bad_images:
         return dataset
     paths = [p for p, _ in dataset.samples]
@@ -145,14 +175,15 @@ def training_set(args, image_size, rank=0, world=1):
         more = " ..." if len(bad) > 5 else ""
         listed = ", ".join(bad[:5]) + more
         print(f"skipping {len(bad)} unreadable images: {listed}", file=sys.stderr)
-    return ImageFolder(args.data, image_size, exclude=set(bad))
+    return ImageFolder(args.data, image_size, exclude=set(bad), crop=crop, seed=seed)
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """The distributed sampler: one permutation per epoch from (seed, epoch), cut to whole global
     batches. Rank r takes positions r, r + W, r + 2W, ..., so the ranks' k-th local batches
     together are exactly one process's k-th global batch. set_epoch(epoch, start_step) starts
-    mid-epoch after a resume without reading the skipped images."""
+    mid-epoch after a resume without reading the skipped images. It yields keys (index, epoch):
+    the epoch reaches the dataset with each item, also in persistent loader workers."""
 
     def __init__(self, n, global_batch, rank=0, world=1, seed=0):
         if global_batch % world:
@@ -177,7 +208,8 @@ class EpochSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
         start = self.start_step * self.global_batch
         end = self.steps_per_epoch * self.global_batch
-        return iter(order[start:end][self.rank::self.world].tolist())
+        mine = order[start:end][self.rank::self.world].tolist()
+        return iter([(i, self.epoch) for i in mine])
 
     def __len__(self):
         local_batch = self.global_batch // self.world

@@ -125,7 +125,8 @@ class Residual(nn.Module):
 class DINOBackbone(nn.Module):
     """A DINO (v1) ViT with the official keys: images in [-1, 1], resized to
     grid * patch (224 for ViT-S/8) as in RAE -> patch tokens (B, C, L) at
-    the output, then after each block in `taps`. Its heads are 64 wide."""
+    the output, then after each block in `taps`. Its heads are 64 wide; its
+    MLPs use the tanh GELU, as RAE's discriminator (DINO itself: exact)."""
 
     def __init__(self, dim, depth, patch, grid, taps=DINO_TAPS):
         super().__init__()
@@ -135,7 +136,10 @@ class DINOBackbone(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid**2, dim))
-        self.blocks = nn.ModuleList([Block(dim, max(1, dim // 64)) for _ in range(depth)])
+        heads = max(1, dim // 64)
+        # RAE's discriminator blocks use the tanh GELU (src/disc/dinodisc.py)
+        blocks = [Block(dim, heads, gelu="tanh") for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         # in the checkpoint, unused: RAE reads the tokens before this norm
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.register_buffer("mean", rgb(IMAGENET_MEAN), persistent=False)
@@ -155,7 +159,9 @@ class DINOBackbone(nn.Module):
 
 
 def load_dino_backbone(path):
-    """A frozen DINO (v1) ViT from an official checkpoint (DINO_S8_URL)."""
+    """A frozen DINO (v1) ViT from an official checkpoint (DINO_S8_URL). RAE
+    also zeroes the key part of each qkv bias on load: it adds one constant
+    to each query's logits, which the softmax ignores, so it is not done."""
     what = f"DINO (v1) ViT-S/8 weights ({DINO_S8_URL})"
     need_file(path, f"--disc-encoder, {what}, or --disc patch")
     sd = read_state_dict(path, what)

@@ -58,12 +58,14 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     """Pre-LN ViT block x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))), without
     ls1, ls2 (LayerScale) when init_values is None. attn: a fused qkv (q, k, v in that order),
-    then proj; mlp: fc1, the exact (erf) GELU, fc2."""
+    then proj; mlp: fc1, GELU, fc2. The GELU is exact (erf: DINOv2's, the SRC's); gelu="tanh"
+    is its tanh approximation, used by RAE's DINO discriminator (losses.DINOBackbone)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, init_values=None, gelu="none"):
         super().__init__()
         assert dim % num_heads == 0, (dim, num_heads)
         self.num_heads = num_heads
+        self.gelu = gelu  # F.gelu's `approximate`
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=ENCODER_LN_EPS)
         self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, 3 * dim), proj=nn.Linear(dim, dim)))
@@ -75,7 +77,8 @@ class Block(nn.Module):
     def forward(self, x):
         q, k, v = self.attn.qkv(self.norm1(x)).chunk(3, dim=-1)
         x = x + self.ls1(self.attn.proj(multihead_attention(q, k, v, self.num_heads)))
-        return x + self.ls2(self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)))))
+        h = F.gelu(self.mlp.fc1(self.norm2(x)), approximate=self.gelu)
+        return x + self.ls2(self.mlp.fc2(h))
 
 
 class DINOv2(nn.Module):

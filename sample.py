@@ -6,6 +6,9 @@
 
 Generation (eq. 10): u ~ N(0, I) -> f^{-1} with guidance (STARFlow's rule, every block or the
 deep one: --guide-blocks) -> SimFlow's score step (--score-step; 0 is off) -> the decoders.
+Where to guide is open: STARFlow's `reverse` guides every conditional block, but its released
+config conditions only the deep (top) block (cond_top_only: 1), and SimFlow describes STARFlow's
+CFG as applied to the last block. Sweep both: --cfg-sweep 1,2,3 --guide-blocks all,deep.
 Sample i uses noise seeded by (seed, i) and label plan[i]: the images do not depend on ranks or
 batch sizes. Outputs: images/*.png, samples.npz (ADM's layout), grid.png, info.json.
 
@@ -719,7 +722,9 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=50_000, help="the paper: 50k")
     p.add_argument("--classes", default="even", help="even, random or a list: 1,7")
     p.add_argument("--cfg", type=float, default=0.0, help="guidance scale w")
-    p.add_argument("--guide-blocks", default="all", help="all (every block) or deep")
+    p.add_argument("--guide-blocks", default="all",
+                   help="all: every block; deep: the deep one only (STARFlow's released "
+                        "config); all,deep sweeps both")
     p.add_argument("--score-step", default="0", help="SimFlow's score step (0: off)")
     p.add_argument("--cfg-sweep", help="w list to sample and score")
     p.add_argument("--ref", help="FID reference (.npz or folder)")

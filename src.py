@@ -3,8 +3,9 @@
 A compressor maps each normalized RAE token (n = 768) to a compact one (d = 32) from which the
 frozen RAE decoder D still rebuilds the image: z_c~ = C_enc(z), z^ = C_dec(z_c~) (eq. 4).
 COMPRESSORS holds the rows of the paper's Table 5: src (the paper's SRC: L Transformer blocks
-then Linear n -> d, mirrored), linear (token-wise), pca (fitted, not trained: 99.06% of the
-variance at d = 32) and identity (d = n, the full-representation baseline of Table 1).
+then Linear n -> d, mirrored), conv (the same with local convolutions in place of attention),
+linear (token-wise), pca (fitted, not trained: 99.06% of the variance at d = 32) and identity
+(d = n, the full-representation baseline of Table 1).
 
 Stage1 then writes the compact space once, with E, the RAE statistics (eq. 1) and norm2:
 
@@ -16,10 +17,12 @@ load_stage1 rebuilds it from a train_src.py checkpoint.
 """
 
 import inspect
+import math
 import os
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import UserError, load_checkpoint
 from rae import (RAE, STATS_EPS, Block, RAEDecoder, denormalize, fingerprint, load_dinov2,
@@ -38,8 +41,7 @@ def init_linear(module):
 
 class Compressor(nn.Module):
     """What every compressor has: n, d, kind, encode (C_enc), decode (C_dec), forward (eq. 4's
-    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer(), the weight whose
-    gradient sets stage 1's adaptive GAN weight (None when nothing trains)."""
+    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer()."""
 
     def __init__(self, n, d):
         super().__init__()
@@ -64,26 +66,18 @@ class Compressor(nn.Module):
         return self.decode(self.encode(z))
 
     def last_layer(self):
+        """The weight of stage 1's adaptive GAN weight: C_dec's last weight matrix, as VQGAN and
+        RAE take the generator's last (RAE: D's decoder_pred). A LayerNorm after it is skipped:
+        its per-channel affine is no layer's matrix. None when nothing trains."""
         return None
 
 
-class SRC(Compressor):
-    """C_enc (B, N, n) -> (B, N, d) and C_dec (B, N, d) -> (B, N, n), L blocks each (eq. 4):
-    DINOv2's pre-LN ViT blocks without LayerScale, each stack ending in a LayerNorm. On the
-    decoder side that matches the target, an affine map of a LayerNorm output (an RAE token).
-    """
-    kind = "src"
+class BlockCompressor(Compressor):
+    """C_enc: blocks, a LayerNorm, Linear n -> d; C_dec: Linear d -> n, blocks, a LayerNorm
+    (eq. 4). The blocks map tokens (B, N, n) to tokens and end with an MLP (mlp.fc2)."""
 
-    def __init__(self, n=768, d=32, depth=4, num_heads=None, mlp_ratio=4.0):
+    def __init__(self, n, d, enc_blocks, dec_blocks):
         super().__init__(n, d)
-        num_heads = num_heads or max(1, n // 64)
-        if depth < 0 or n % num_heads:
-            raise ValueError(f"SRC: depth={depth} < 0 or n={n} not divisible by heads={num_heads}")
-        self.depth = depth
-        self.num_heads = num_heads
-        self.mlp_ratio = mlp_ratio
-        enc_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
-        dec_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
         self.enc_blocks = nn.Sequential(*enc_blocks)
         self.enc_norm = nn.LayerNorm(n, eps=LN_EPS)
         self.enc_proj = nn.Linear(n, d)
@@ -93,8 +87,8 @@ class SRC(Compressor):
         init_linear(self)
 
     def last_layer(self):
-        """C_dec's last linear layer: the last block's fc2 (the d -> n projection when L = 0)."""
-        if self.depth == 0:
+        """The last block's fc2, before dec_norm (the d -> n projection without blocks)."""
+        if len(self.dec_blocks) == 0:
             return self.dec_proj.weight
         return self.dec_blocks[-1].mlp.fc2.weight
 
@@ -107,6 +101,72 @@ class SRC(Compressor):
         """C_dec: compact tokens (B, N, d) -> reconstructed normalized RAE tokens (B, N, n)."""
         h = self.dec_proj(self.check(z_c, self.d, "decode"))
         return self.dec_norm(self.dec_blocks(h))
+
+
+class SRC(BlockCompressor):
+    """C_enc (B, N, n) -> (B, N, d) and C_dec (B, N, d) -> (B, N, n), L blocks each (eq. 4):
+    DINOv2's pre-LN ViT blocks without LayerScale, each stack ending in a LayerNorm. On the
+    decoder side that matches the target, an affine map of a LayerNorm output (an RAE token).
+    """
+    kind = "src"
+
+    def __init__(self, n=768, d=32, depth=4, num_heads=None, mlp_ratio=4.0):
+        num_heads = num_heads or max(1, n // 64)
+        if depth < 0 or n % num_heads:
+            raise ValueError(f"SRC: depth={depth} < 0 or n={n} not divisible by heads={num_heads}")
+        enc_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
+        dec_blocks = [Block(n, num_heads, mlp_ratio) for _ in range(depth)]
+        super().__init__(n, d, enc_blocks, dec_blocks)
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+
+
+class ConvBlock(nn.Module):
+    """SRC's block with a k x k convolution over the g x g token grid in place of attention:
+    x = x + conv(norm1(x)); x = x + fc2(gelu(fc1(norm2(x)))), zero padding at the borders."""
+
+    def __init__(self, n, kernel, mlp_ratio):
+        super().__init__()
+        hidden = int(n * mlp_ratio)
+        self.norm1 = nn.LayerNorm(n, eps=LN_EPS)
+        self.conv = nn.Conv2d(n, n, kernel, padding=kernel // 2)
+        self.norm2 = nn.LayerNorm(n, eps=LN_EPS)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(n, hidden), fc2=nn.Linear(hidden, n)))
+
+    def forward(self, x):
+        B, N, n = x.shape
+        g = math.isqrt(N)
+        # (B, N, n) -> (B, n, g, g): the tokens are the grid's rows, one after the other
+        h = self.norm1(x).transpose(1, 2).reshape(B, n, g, g)
+        x = x + self.conv(h).flatten(2).transpose(1, 2)
+        h = F.gelu(self.mlp.fc1(self.norm2(x)))
+        return x + self.mlp.fc2(h)
+
+
+class Conv(BlockCompressor):
+    """Table 5's convolutional compressor: the SRC with ConvBlocks, so that a token sees only
+    the tokens depth * (kernel // 2) grid steps around it. Defaults: 3 blocks of 3 x 3 per side,
+    60.3M parameters at n = 768, d = 32 (the SRC with L = 4: 56.8M)."""
+    kind = "conv"
+
+    def __init__(self, n=768, d=32, depth=3, kernel=3, mlp_ratio=4.0):
+        if depth < 0 or kernel % 2 == 0:
+            raise ValueError(f"Conv: depth {depth} < 0 or even kernel {kernel}")
+        enc_blocks = [ConvBlock(n, kernel, mlp_ratio) for _ in range(depth)]
+        dec_blocks = [ConvBlock(n, kernel, mlp_ratio) for _ in range(depth)]
+        super().__init__(n, d, enc_blocks, dec_blocks)
+        self.depth = depth
+        self.kernel = kernel
+        self.mlp_ratio = mlp_ratio
+
+    def check(self, x, width, name):
+        """x unchanged if it is tokens (B, N, width) on a square grid, else a one-line error."""
+        N = super().check(x, width, name).shape[1]
+        if math.isqrt(N) ** 2 != N:
+            raise ValueError(f"Conv.{name}: expected a square grid of N tokens, "
+                             f"got N={N}")
+        return x
 
 
 class Linear(Compressor):
@@ -187,7 +247,13 @@ class Identity(Compressor):
         return self.check(z_c, self.d, "decode")
 
 
-COMPRESSORS = {"src": SRC, "linear": Linear, "pca": PCA, "identity": Identity}
+COMPRESSORS = {
+    "src": SRC,
+    "conv": Conv,
+    "linear": Linear,
+    "pca": PCA,
+    "identity": Identity,
+}
 
 
 # ---- The compact space: eq. 5, 7, 8, 10

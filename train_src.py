@@ -12,9 +12,12 @@ decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's adap
 Whenever the run stops, the compact statistics norm2 of eq. 5 are measured with the EMA C and
 stored: the checkpoint is all stage 2 needs. --compressor picks a row of Table 5; pca and
 identity train nothing (only the statistics are computed); --train-decoder trains D too (toy
-runs). A step's randomness is drawn for the global batch from (seed, step), and the adaptive
-weight uses rank-averaged gradients: N processes follow one process's trajectory. Outputs in
---out: checkpoint.pt, log.jsonl, recon/*.png (inputs above the EMA's reconstructions).
+runs). Where the paper defers to RAE (bytetriper/RAE, src/train_stage1.py), the defaults are
+RAE's: its EMA decay, its random crop without flips (--crop center: ADM's crop with flips), its
+DINO discriminator. A step's randomness is drawn for the global batch from (seed, step), an
+image's crop from (seed, epoch, index), and the adaptive weight uses rank-averaged gradients: N
+processes follow one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl,
+recon/*.png (inputs above the EMA's reconstructions).
 """
 
 import argparse
@@ -35,6 +38,8 @@ RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "com
                "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
 GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
+# RAE's stage-1 EMA (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's 0.9999 is the paper's
+EMA_DECAY = 0.9978
 # DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
 DIFFAUG_PARAMS = 5
 
@@ -86,7 +91,9 @@ def build_losses(args, device):
 
 
 def image_batches(dataset, args, rank, world, device):
-    """This rank's share of the first --stats-images (0: all) training images in [0, 1]."""
+    """This rank's share of the first --stats-images (0: all) training images in [0, 1], by
+    index: ADM's centre crops, unflipped, whatever --crop is. Eq. 1's statistics are RAE's
+    (its calculate_stat.py crops so) and norm2 is over the features stage 2 sees."""
     end = min(args.stats_images or len(dataset), len(dataset))
     part = torch.utils.data.Subset(dataset, range(rank, end, world))
     loader = torch.utils.data.DataLoader(part, batch_size=args.batch_size // world,
@@ -148,6 +155,9 @@ def step_randomness(args, step, raw_shape, rank, world, device):
     B = args.batch_size
     gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
     flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
+    # RAE's stage 1 does not flip; drawn all the same, so that eps does not change
+    if args.crop == "random":
+        flip = None
     eps = common.encoder_noise(
         gen,
         global_batch=B,
@@ -319,7 +329,8 @@ def main(args):
     resume = common.resume_checkpoint(args, ckpt_path, "src", RESUME_KEPT)
 
     # Setup data
-    dataset = common.training_set(args, args.image_size, rank, world)
+    dataset = common.training_set(args, args.image_size, rank, world, crop=args.crop,
+                                  seed=args.seed)
     sampler = common.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = common.make_loader(dataset, sampler, args.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
@@ -482,8 +493,10 @@ def build_parser():
     p.add_argument("--rae-stats", default=None, help="RAE's stat.pt (default: measured)")
     p.add_argument("--stats-images", type=int, default=0, help="images for statistics (0: all)")
     p.add_argument("--image-size", type=int, default=256, help="image side")
+    p.add_argument("--crop", choices=["random", "center"], default="random",
+                   help="RAE's random crop, no flips; or ADM's, flipped")
     p.add_argument("--compressor", choices=list(COMPRESSORS), default="src",
-                   help="C (Table 5): src, linear, pca (fitted) or identity (d = n)")
+                   help="C (Table 5): src, conv, linear, pca (fitted) or identity (d = n)")
     p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
     p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")
@@ -504,7 +517,8 @@ def build_parser():
                    help="epoch (not step) the GAN loss starts: --max-steps runs that end "
                         "sooner train without it")
     p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of C and D")
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
+                   help="EMA decay of C and D (RAE's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
     p.add_argument("--grid-every", type=int, default=2500, help="steps between grids")
     p.add_argument("--ckpt-every", type=int, default=2500, help="steps between checkpoints")

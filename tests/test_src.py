@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src import COMPRESSORS, PCA, SRC, Identity, Linear
+from src import COMPRESSORS, PCA, SRC, Conv, Identity, Linear
 
 
-def reference_block(x, sd, prefix, heads):
-    """A pre-LN ViT block written out with plain tensor ops from the raw state dict."""
+def reference_block(x, sd, prefix, heads, tanh_gelu=False):
+    """A pre-LN ViT block written out with plain tensor ops from the raw state dict; the MLP's GELU exact, or its
+    tanh approximation (RAE's DINO discriminator: GELU(approximate='tanh'))."""
     B, N, C = x.shape
     h = F.layer_norm(x, (C,), sd[prefix + "norm1.weight"], sd[prefix + "norm1.bias"], eps=1e-6)
     qkv = h @ sd[prefix + "attn.qkv.weight"].T + sd[prefix + "attn.qkv.bias"]
@@ -23,7 +24,10 @@ def reference_block(x, sd, prefix, heads):
     x = x + o @ sd[prefix + "attn.proj.weight"].T + sd[prefix + "attn.proj.bias"]
     h = F.layer_norm(x, (C,), sd[prefix + "norm2.weight"], sd[prefix + "norm2.bias"], eps=1e-6)
     h = h @ sd[prefix + "mlp.fc1.weight"].T + sd[prefix + "mlp.fc1.bias"]
-    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
+    if tanh_gelu:
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+    else:
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
     return x + h @ sd[prefix + "mlp.fc2.weight"].T + sd[prefix + "mlp.fc2.bias"]
 
 
@@ -135,7 +139,7 @@ def build(kind, n=64, d=8):
     return COMPRESSORS[kind](n=n) if kind == "identity" else COMPRESSORS[kind](n=n, d=d)
 
 
-@pytest.mark.parametrize("kind", ["src", "linear", "pca", "identity"])
+@pytest.mark.parametrize("kind", ["src", "conv", "linear", "pca", "identity"])
 def test_compressor_shapes_config_round_trip_and_checks(kind):
     C = build(kind)
     if kind == "pca":   # a fitted PCA (random covariance), so the round trip carries real buffers
@@ -144,42 +148,76 @@ def test_compressor_shapes_config_round_trip_and_checks(kind):
     randomized(C, seed=1)
     d = 64 if kind == "identity" else 8
     assert COMPRESSORS[kind] is type(C) and C.kind == kind and (C.n, C.d) == (64, d)
-    z = torch.randn(2, 10, 64)
-    assert C.encode(z).shape == (2, 10, d) and C.decode(C.encode(z)).shape == (2, 10, 64)
+    z = torch.randn(2, 9, 64)                                   # a 3 x 3 grid of tokens
+    assert C.encode(z).shape == (2, 9, d) and C.decode(C.encode(z)).shape == (2, 9, 64)
     C2 = type(C)(**C.config())
     assert C2.config() == C.config()
     C2.load_state_dict(C.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(C2.eval()(z), C.eval()(z)) and torch.equal(C(z), C.decode(C.encode(z)))
     name = type(C).__name__
-    for method, width, bad in (("encode", 64, torch.randn(2, 10, 63)), ("encode", 64, torch.randn(10, 64)),
-                               ("decode", d, torch.randn(2, 10, d + 1))):
+    for method, width, bad in (("encode", 64, torch.randn(2, 9, 63)), ("encode", 64, torch.randn(9, 64)),
+                               ("decode", d, torch.randn(2, 9, d + 1))):
         with pytest.raises(ValueError, match=rf"^{name}.{method}: expected \(B, N, {width}\) tokens, got"):
             getattr(C, method)(bad)
+    if kind == "conv":                                          # a grid of tokens: N must be a square
+        for method, width in (("encode", 64), ("decode", d)):
+            with pytest.raises(ValueError, match=rf"^Conv.{method}: expected a square grid of N tokens, got N=10$"):
+                getattr(C, method)(torch.randn(2, 10, width))
 
 
-@pytest.mark.parametrize("kind,depth", [("src", 2), ("src", 0), ("linear", None), ("pca", None), ("identity", None)])
+@pytest.mark.parametrize("kind,depth", [("src", 2), ("src", 0), ("conv", None), ("linear", None), ("pca", None),
+                                        ("identity", None)])
 def test_last_layer_is_the_last_trained_weight_of_the_decoder(kind, depth):
     """The adaptive GAN weight needs C_dec's last layer: the gradient of the output reaches it, and it is C_dec's
-    final weight (the last block's fc2; the d -> n projection when there are no blocks). None when nothing trains."""
+    final weight (the last block's fc2; the d -> n projection when there are no blocks). None when nothing trains.
+    The choice is VQGAN's and RAE's, the generator's last weight *matrix*: only 1-D parameters (fc2's bias, the
+    final LayerNorm's per-channel affine) come after it."""
     C = SRC(n=64, d=8, depth=depth, num_heads=2) if kind == "src" else build(kind)
     W = C.last_layer()
     if kind in ("pca", "identity"):
         assert W is None and not list(C.parameters())
         return
     expected = {("src", 2): lambda: C.dec_blocks[1].mlp.fc2.weight, ("src", 0): lambda: C.dec_proj.weight,
+                ("conv", None): lambda: C.dec_blocks[2].mlp.fc2.weight,
                 ("linear", None): lambda: C.dec_proj.weight}[(kind, depth)]()
     assert W is expected and W.shape[0] == 64
-    C(torch.randn(2, 5, 64)).square().sum().backward()
+    params = list(C.parameters())                   # in forward order: C_enc, then C_dec
+    matrices = [p for p in params if p.dim() >= 2]
+    assert W is matrices[-1]
+    after = params[[p is W for p in params].index(True) + 1:]
+    assert after and all(p.dim() == 1 for p in after)
+    C(torch.randn(2, 4, 64)).square().sum().backward()
     assert W.grad is not None and W.grad.abs().sum() > 0
 
 
 def test_compressor_constructors_refuse_bad_sizes():
     for make in (lambda: Linear(n=64, d=0), lambda: PCA(n=0, d=8), lambda: PCA(n=8, d=16), lambda: Identity(n=0),
-                 lambda: SRC(n=64, d=8, depth=-1, num_heads=2)):
+                 lambda: SRC(n=64, d=8, depth=-1, num_heads=2), lambda: Conv(n=64, d=8, kernel=2),
+                 lambda: Conv(n=64, d=8, depth=-1), lambda: Conv(n=64, d=0)):
         with pytest.raises(ValueError) as e:
             make()
         assert "\n" not in str(e.value)
+
+
+def test_conv_compressor_is_local_and_sized_near_the_src():
+    """Changing one token of the 7 x 7 grid moves exactly the codes within depth * (kernel // 2) grid steps of it
+    (Chebyshev distance, zero padding at the borders); the round trip reaches twice as far. At the paper's sizes
+    (n = 768, d = 32) the default Conv has about the parameters of the SRC with L = 4."""
+    C = randomized(Conv(n=32, d=4, depth=2, kernel=3, mlp_ratio=2.0)).double().eval()
+    g, row, col = 7, 2, 4
+    z = torch.randn(1, g * g, 32, dtype=torch.float64)
+    z2 = z.clone()
+    z2[0, row * g + col] += torch.randn(32, dtype=torch.float64)
+    r, c = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
+    steps = torch.maximum((r - row).abs(), (c - col).abs()).flatten()
+    with torch.no_grad():
+        for fn, reach in ((C.encode, 2), (C, 4)):
+            delta = (fn(z2) - fn(z)).abs().amax(-1)[0]
+            assert (delta[steps <= reach] > 1e-9).all() and (delta[steps > reach] == 0).all(), (reach, delta)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    with torch.device("meta"):                                              # shapes only, no memory
+        assert count(Conv()) == 60_261_152 and count(SRC()) == 56_756_000   # n = 768, d = 32: within 7%
 
 
 # -----------------------------------------------------------------------------

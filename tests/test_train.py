@@ -242,6 +242,56 @@ def test_dino_discriminator_reads_the_official_dino_layout(tmp_path, toy):
         losses.load_dino_backbone(str(toy / "dinov2.pth"))
 
 
+def test_dino_backbone_features_are_raes_with_the_tanh_gelu(tmp_path):
+    """The discriminator's DINO features against plain tensor ops on the raw state dict, as RAE computes them
+    (src/disc/dinodisc.py): [-1, 1] -> bilinear to 224 (here grid * patch) -> ImageNet normalisation -> patch
+    embedding, class token, positions -> pre-LN blocks whose MLP uses GELU(approximate='tanh'); tokens at the output
+    and after the tapped blocks, final norm unused. The exact GELU (DINO's own) misses by far more than the tolerance;
+    RAE's zeroing of the qkv key bias on load changes nothing (a constant per query under the softmax)."""
+    from test_src import reference_block
+    torch.manual_seed(0)
+    dim, depth, patch, grid = 64, 4, 8, 3
+    sd = {"cls_token": torch.randn(1, 1, dim), "pos_embed": torch.randn(1, 1 + grid * grid, dim),
+          "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch) * 0.1,
+          "patch_embed.proj.bias": torch.randn(dim) * 0.1, "norm.weight": torch.randn(dim), "norm.bias": torch.randn(dim)}
+    for i in range(depth):
+        for k, v in losses.Block(dim, 1).state_dict().items():
+            scale = 0.3 if "fc1" in k else 0.02                          # large MLP inputs: the GELUs differ there
+            sd[f"blocks.{i}.{k}"] = v + scale * torch.randn(v.shape)
+    torch.save(sd, tmp_path / "dino.pth")
+    backbone = losses.load_dino_backbone(str(tmp_path / "dino.pth"))
+    assert all(block.gelu == "tanh" for block in backbone.blocks) and backbone.taps == [2]
+    x = torch.rand(2, 3, 40, 40) * 2 - 1
+
+    def reference(tanh_gelu, zero_key_bias=False):     # in float64
+        sd64 = {k: v.double() for k, v in sd.items()}
+        for i in range(depth * zero_key_bias):          # as RAE's loader does: the softmax ignores it
+            sd64[f"blocks.{i}.attn.qkv.bias"][dim:2 * dim] = 0
+        h = torch.nn.functional.interpolate(x.double(), (grid * patch,) * 2, mode="bilinear", align_corners=False)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        h = ((h + 1) / 2 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        h = torch.nn.functional.conv2d(h, sd64["patch_embed.proj.weight"], sd64["patch_embed.proj.bias"], stride=patch)
+        h = torch.cat([sd64["cls_token"].expand(2, -1, -1), h.flatten(2).transpose(1, 2)], 1) + sd64["pos_embed"]
+        taps = []
+        for i in range(depth):
+            h = reference_block(h, sd64, f"blocks.{i}.", 1, tanh_gelu=tanh_gelu)
+            if i == 2:
+                taps.append(h[:, 1:].transpose(1, 2))
+        return [h[:, 1:].transpose(1, 2)] + taps
+
+    with torch.no_grad():
+        feats = backbone(x)
+    for tanh_gelu in (True, False):
+        errors = [((f - r).abs().max() / r.abs().max()).item() for f, r in zip(feats, reference(tanh_gelu))]
+        assert len(errors) == 2
+        if tanh_gelu:
+            assert max(errors) < 1e-5, errors             # relative to the largest feature
+        else:
+            assert min(errors) > 5e-5, errors             # the exact GELU would fail this test
+    for a, b in zip(reference(True), reference(True, zero_key_bias=True)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # common.py: schedules, sampler, data
 
@@ -275,6 +325,81 @@ def test_sampler_ranks_split_each_global_batch_and_resume_mid_epoch():
     assert list(one) == order[12:]
     one.set_epoch(3)
     assert list(one) != order
+    assert [i for i, _ in list(one)] != [i for i, _ in order] and {e for _, e in list(one)} == {3}   # keys: (index, epoch)
+
+
+def window_offset(crop, ref):
+    """The one (top, left) at which crop (S, S, 3) is a window of ref (H, W, 3), unflipped; else an AssertionError."""
+    S, (H, W) = crop.shape[0], ref.shape[:2]
+    first = np.argwhere((ref[:H - S + 1, :W - S + 1] == crop[0, 0]).all(-1))      # candidates: the corner pixel
+    found = [tuple(int(v) for v in p) for p in first if (ref[p[0]:p[0] + S, p[1]:p[1] + S] == crop).all()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_stage1_crop_is_raes_resize_then_uniform_random_crop(tmp_path):
+    """--crop random is RAE's stage-1 transform: torchvision's Resize(1.5 S, bicubic) on the short side (384 for
+    S = 256), then RandomCrop(S) with no flip. Each crop is found, unflipped, in torchvision's resize of the image; its
+    offsets over 2,000 epochs are uniform over every valid value (chi-square, fixed seeds: not flaky). An index
+    without an epoch (the statistics passes) is ADM's centre crop."""
+    from scipy import stats
+    from torchvision.transforms import InterpolationMode, Resize
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "a")
+    Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)).save(tmp_path / "a" / "0.png")
+    Image.fromarray(rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)).save(tmp_path / "a" / "1.png")
+    big = common.ImageFolder(str(tmp_path), 256, crop="random", seed=1)
+    ref = np.asarray(Resize(384, InterpolationMode.BICUBIC)(Image.open(tmp_path / "a" / "0.png")))
+    assert ref.shape == (384, 640, 3)                                   # the short side to 384
+    offsets = {window_offset(big[(0, epoch)][0].permute(1, 2, 0).numpy(), ref) for epoch in range(3)}
+    assert len(offsets) == 3 and all(t <= 128 and l <= 384 for t, l in offsets)
+    centre = common.center_crop_arr(Image.open(tmp_path / "a" / "0.png"), 256)
+    assert (big[0][0].permute(1, 2, 0).numpy() == np.asarray(centre)).all()
+    small = common.ImageFolder(str(tmp_path), 32, crop="random", seed=1)   # image 1: 40 x 64 -> 48 x 76
+    ref = np.asarray(Resize(48, InterpolationMode.BICUBIC)(Image.open(tmp_path / "a" / "1.png")))
+    assert ref.shape == (76, 48, 3)
+    tops, lefts = zip(*[window_offset(small[(1, e)][0].permute(1, 2, 0).numpy(), ref) for e in range(2000)])
+    for values, count in ((tops, 76 - 32 + 1), (lefts, 48 - 32 + 1)):
+        histogram = np.bincount(values, minlength=count)
+        assert len(histogram) == count and histogram.min() > 0          # every valid offset, none beyond
+        assert stats.chisquare(histogram).pvalue > 1e-3
+    assert stats.pearsonr(tops, lefts)[1] > 1e-3                        # top and left drawn independently
+
+
+def test_stage1_crops_follow_one_process_whatever_the_ranks_and_workers(toy):
+    """The crop of an example depends on (seed, epoch, image) only: the ranks' local batches of a 2-process run,
+    interleaved as EpochSampler deals them, are one process's global batches image for image, with or without
+    loader workers, persistent ones included (the epoch travels in the sampler's keys)."""
+    ds = common.ImageFolder(str(toy / "data"), 32, crop="random", seed=0)
+
+    def epochs(rank, world, workers):
+        sampler = common.EpochSampler(len(ds), 4, rank, world, seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4 // world, sampler=sampler, num_workers=workers,
+                                             persistent_workers=workers > 0)
+        out = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            out.append(torch.stack([images for images, _ in loader]))   # (steps, local batch, 3, 32, 32)
+        return torch.stack(out)
+
+    one = epochs(0, 1, 0)
+    assert not torch.equal(one[0], one[1])                              # new crops (and order) each epoch
+    two = torch.empty_like(one)
+    two[:, :, 0::2] = epochs(0, 2, 2)
+    two[:, :, 1::2] = epochs(1, 2, 0)
+    assert torch.equal(two, one)
+    assert torch.equal(epochs(0, 1, 2), one)
+
+
+def test_stage1_flips_only_with_the_centre_crop():
+    """RAE's stage 1 does not flip: with --crop random a step has no flips; its eq. 7 noise and DiffAug draws are
+    those of --crop center (ADM's crop, flipped per global example)."""
+    args = argparse.Namespace(batch_size=8, seed=0, noise_max=0.8, crop="random")
+    flip, eps, aug = train_src.step_randomness(args, 3, (4, 16), 0, 1, torch.device("cpu"))
+    args.crop = "center"
+    flip_c, eps_c, aug_c = train_src.step_randomness(args, 3, (4, 16), 0, 1, torch.device("cpu"))
+    assert flip is None and flip_c.dtype == torch.bool and 0 < flip_c.sum() < 8
+    assert torch.equal(eps, eps_c) and all(torch.equal(a, b) for a, b in zip(aug, aug_c))
 
 
 def test_image_folder_errors_and_unreadable_files(tmp_path):
@@ -359,6 +484,8 @@ def test_every_argument_has_help_and_paper_defaults():
         (2e-4, 2e-5, 16, 256, 0.8, 32, 4)
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
     assert s.compressor == "src"
+    assert s.ema_decay == 0.9978        # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
+    assert s.crop == "random"           # RAE's stage-1 crop
     f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
     assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema_decay) == \
         (1e-4, 1e-6, 320, 256, 0.4, 0.1, 1.0, 0.9999)
@@ -432,10 +559,12 @@ def training_images(toy):
     return torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
 
 
-@pytest.mark.parametrize("kind", ["linear", "identity"])
+@pytest.mark.parametrize("kind", ["linear", "identity", "conv"])
 def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
-    """linear at d = 4 and identity (d = n = 64), D trained with them: one step (a --max-steps stop writes
-    norm2), then save -> load_stage1 gives the pipeline rebuilt by hand, and a 2-step flow runs on it."""
+    """linear and conv at d = 4 and identity (d = n = 64), D trained with them: one step (a --max-steps stop writes
+    norm2), then save -> load_stage1 gives the pipeline rebuilt by hand, a 2-step flow runs on it and sample.py
+    samples from that flow."""
+    import sample
     import rae
     from src import COMPRESSORS
     out, ckpt_path = toy / f"s1_{kind}", toy / f"s1_{kind}" / "checkpoint.pt"
@@ -446,7 +575,7 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     assert ckpt["step"] == 1 and ckpt["norm2"] is not None and ckpt["compressor"]["kind"] == kind
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1]
     s1 = load_stage1(str(ckpt_path))
-    d = 4 if kind == "linear" else 64
+    d = 64 if kind == "identity" else 4
     assert s1.C.kind == kind and s1.C.d == d and s1.mean2.shape == s1.var2.shape == (d,)
     # the same pipeline rebuilt by hand from the stored states (EMA weights)
     D = rae.RAEDecoder(**ckpt["decoder"]["config"])
@@ -464,6 +593,10 @@ def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
     args = flow_args(toy, ckpt_path, toy / f"s2_{kind}", ["--max-steps", 2, "--grid-every", 0])
     assert cli(train_flow, args, capsys)[0] == 0
     assert load(toy / f"s2_{kind}" / "checkpoint.pt")["step"] == 2
+    args = ["--ckpt", toy / f"s2_{kind}" / "checkpoint.pt", "--out", toy / f"samples_{kind}", "--num-samples", 2,
+            "--device", "cpu", "--no-progress"]
+    assert cli(sample, args, capsys)[0] == 0
+    assert np.load(toy / f"samples_{kind}" / "samples.npz")["arr_0"].shape == (2, 32, 32, 3)
 
 
 def test_pca_compressor_is_the_svd_of_the_training_features(toy, tmp_path, capsys):
