@@ -42,7 +42,8 @@ GRID_SAMPLES = 8
 @torch.no_grad()
 def sample_grid(flow, stage1, guidance, seed, precision, path):
     """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes).
-    Under --fsdp every rank runs the flow (the caller gathers the EMA first); rank 0 decodes."""
+    Under --fsdp every rank runs the flow, gathered whole for it (sampling is token by token,
+    so its blocks are gathered once, not at every token); rank 0 (path not None) decodes."""
     shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
     gen = torch.Generator().manual_seed(seed)
     device = stage1.mean2.device
@@ -55,8 +56,14 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
         labels = labels.to(device)
     else:
         guidance = 0.0
+    sharded = [m for m in flow.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
     with common.autocast(device, precision):
         z_c = flow.reverse(u, labels, guidance=guidance)
+    for m in sharded:
+        m.reshard()
+    with common.autocast(device, precision):
         if path is None:  # not rank 0
             return
         images = stage1.decode(z_c).float()
@@ -97,7 +104,10 @@ def gather_states(run, fsdp):
     """The flow's, the EMA's and the optimizer's state dicts: under --fsdp gathered whole onto
     rank 0's host (a collective: every rank calls it; the others get empty dicts)."""
     if not fsdp:
-        return run["flow"].state_dict(), run["ema"].state_dict(), run["opt"].state_dict()
+        flow = run["flow"].state_dict()
+        ema = run["ema"].state_dict()
+        opt = run["opt"].state_dict()
+        return flow, ema, opt
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     flow = get_model_state_dict(run["flow"], options=options)
     ema = get_model_state_dict(run["ema"], options=options)
@@ -111,13 +121,38 @@ def restore(resume, run, fsdp):
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(run["flow"], resume["flow"], options=options)
         set_model_state_dict(run["ema"], resume["flow_ema"], options=options)
-        set_optimizer_state_dict(run["flow"], run["opt"], resume["optimizer"], options=options)
+        set_optimizer_state_dict(
+            model=run["flow"],
+            optimizers=run["opt"],
+            optim_state_dict=resume["optimizer"],
+            options=options,
+        )
     else:
         run["flow"].load_state_dict(resume["flow"])
         run["ema"].load_state_dict(resume["flow_ema"])
         run["opt"].load_state_dict(resume["optimizer"])
     common.restore_rng(resume["rng"])
     return resume["step"]
+
+
+def step_randomness(args, step, raw_shape, rank, world, device):
+    """A step's flips, eq. 8's eps and label drops, drawn for the global batch from (seed, step):
+    the same on every rank, whatever the number of ranks."""
+    B = args.batch_size
+    gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
+    flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
+    eps = common.encoder_noise(
+        gen,
+        global_batch=B,
+        shape=raw_shape,
+        rank=rank,
+        world=world,
+        device=device,
+        sigma=args.noise_std,
+        per_example=args.noise_mode == "per-example",
+    )
+    drop = common.global_rand(gen, B, (), rank, world, device) < args.label_drop
+    return flip, eps, drop
 
 
 def checkpoint_record(args, step, run, states):
@@ -149,7 +184,11 @@ def checkpoint_record(args, step, run, states):
 def main(args):
     # Setup DDP and precision
     check_args(args)
-    rank, world, device = common.setup_ddp(args.device, args.dist_timeout, group=args.fsdp)
+    rank, world, device = common.setup_ddp(
+        args.device,
+        args.dist_timeout,
+        group=args.fsdp,
+    )
     master = rank == 0
     precision = common.precision_of(args.precision, device)  # bf16 on GPUs by default
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -157,10 +196,17 @@ def main(args):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = common.resume_checkpoint(args, ckpt_path, "flow", RESUME_KEPT)
     if resume is not None and bool(resume["args"].get("fsdp")) != args.fsdp:
-        raise UserError(f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with")
+        raise UserError(
+            f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with"
+        )
 
     # The frozen stage 1: E, the RAE statistics, C_enc and norm2 (eq. 8)
-    stage1 = load_stage1(args.stage1, device, encoder=args.encoder, decoder=args.decoder)
+    stage1 = load_stage1(
+        args.stage1,
+        device,
+        encoder=args.encoder,
+        decoder=args.decoder,
+    )
     image_size = stage1.image_size
     # (N, n): the shape of E(x), of eq. 8's noise
     raw_shape = (stage1.rae.decoder.num_patches, stage1.rae.encoder.embed_dim)
@@ -206,34 +252,26 @@ def main(args):
               f"{args.batch_size} on {world} ranks, {device}, {precision}")
 
     # Train: eq. 8's tokens, eq. 9's loss
-    B = args.batch_size
     stop = min(args.max_steps or total_steps, total_steps)
-    log = common.TrainLog(["loss", "grad_norm"], out=args.out, step=step,
-                          total=total_steps, batch_size=B, device=device,
-                          master=master, resumed=resumed,
-                          derive=lambda record: dict(bpd=bits_per_dim(record["loss"])),
-                          show=("loss", "bpd", "lr"))
+    log = common.TrainLog(
+        ["loss", "grad_norm"],
+        out=args.out,
+        step=step,
+        total=total_steps,
+        batch_size=args.batch_size,
+        device=device,
+        master=master,
+        resumed=resumed,
+        derive=lambda record: dict(bpd=bits_per_dim(record["loss"])),
+        show=("loss", "bpd", "lr"),
+    )
     flow.train()
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= stop:
             break
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
         for images, labels in loader:
-            # This step's randomness, drawn for the global batch (the same on every rank)
-            gen = common.step_generator(args.seed, step, common.STREAM_STEP, device)
-            flip = common.global_rand(gen, B, (), rank, world, device) < 0.5
-            per_example = args.noise_mode == "per-example"
-            eps = common.encoder_noise(
-                gen,
-                global_batch=B,
-                shape=raw_shape,
-                rank=rank,
-                world=world,
-                device=device,
-                sigma=args.noise_std,
-                per_example=per_example,
-            )
-            drop = common.global_rand(gen, B, (), rank, world, device) < args.label_drop
+            flip, eps, drop = step_randomness(args, step, raw_shape, rank, world, device)
             labels = labels.to(device, non_blocking=True)
             if num_classes:
                 labels = torch.where(drop, num_classes, labels)  # the null label, for CFG
@@ -271,14 +309,17 @@ def main(args):
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if grid_due and (master or args.fsdp):
-                path = os.path.join(args.out, "samples", f"{step:07d}.png") if master else None
-                # --fsdp: sampling is token by token, so the whole EMA is gathered once for it
-                sharded = [m for m in ema.modules() if isinstance(m, FSDPModule)] if args.fsdp else []
-                for m in sharded:
-                    m.unshard()
-                sample_grid(ema, stage1, args.sample_cfg, args.seed, precision, path)
-                for m in sharded:
-                    m.reshard()
+                path = None
+                if master:
+                    path = os.path.join(args.out, "samples", f"{step:07d}.png")
+                sample_grid(
+                    ema,
+                    stage1,
+                    guidance=args.sample_cfg,
+                    seed=args.seed,
+                    precision=precision,
+                    path=path,
+                )
             if ckpt_due:
                 states = gather_states(run, args.fsdp)
                 log.save(step, lambda: checkpoint_record(args, step, run, states))

@@ -74,11 +74,13 @@ def build_compressor(args, n):
     return COMPRESSORS[args.compressor](n=n, d=args.src_dim)
 
 
-def build_losses(args, device):
-    """LPIPS, the discriminator (None where their weight is 0) and its trainable parameters (a
-    DINO discriminator's backbone stays frozen), their files read now."""
+def build_losses(args, trains, device):
+    """LPIPS, the discriminator (None where their weight is 0, or where nothing trains) and its
+    trainable parameters (a DINO discriminator's backbone stays frozen), their files read now."""
     lpips = None
     disc = None
+    if not trains:
+        return lpips, disc, []
     if args.perceptual_weight > 0:
         lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
     if args.disc_weight > 0 and args.disc == "dino":
@@ -86,7 +88,9 @@ def build_losses(args, device):
         disc = losses.DINODiscriminator(backbone).to(device)
     elif args.disc_weight > 0:
         disc = losses.PatchDiscriminator(args.disc_width).to(device)
-    disc_params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
+    disc_params = []
+    if disc is not None:
+        disc_params = [p for p in disc.parameters() if p.requires_grad]
     return lpips, disc, disc_params
 
 
@@ -96,8 +100,11 @@ def image_batches(dataset, args, rank, world, device):
     (its calculate_stat.py crops so) and norm2 is over the features stage 2 sees."""
     end = min(args.stats_images or len(dataset), len(dataset))
     part = torch.utils.data.Subset(dataset, range(rank, end, world))
-    loader = torch.utils.data.DataLoader(part, batch_size=args.batch_size // world,
-                                         num_workers=args.num_workers)
+    loader = torch.utils.data.DataLoader(
+        part,
+        batch_size=args.batch_size // world,
+        num_workers=args.num_workers,
+    )
     for images, _ in loader:
         yield common.to_unit(images, device)
 
@@ -246,18 +253,26 @@ def checkpoint_record(args, step, world, steps_per_epoch, parts):
     """What checkpoint.pt holds: what E, D and C were built from (kind, path, config, the
     weights' fingerprint), their weights, the statistics of eq. 1 and 5, optimisers and RNG."""
     trained_d = args.train_decoder
-    encoder = dict(kind="dinov2",
-                   path=os.path.abspath(args.encoder),
-                   config=parts["encoder"].config(),
-                   fingerprint=parts["encoder_print"])
-    decoder = dict(path=os.path.abspath(args.decoder) if args.decoder else None,
-                   config=parts["decoder"].config(),
-                   fingerprint=parts["decoder_print"],
-                   state=parts["decoder"].state_dict() if trained_d else None,
-                   state_ema=parts["D_ema"].state_dict() if trained_d else None)
+    encoder = dict(
+        kind="dinov2",
+        path=os.path.abspath(args.encoder),
+        config=parts["encoder"].config(),
+        fingerprint=parts["encoder_print"],
+    )
+    decoder = dict(
+        path=os.path.abspath(args.decoder) if args.decoder else None,
+        config=parts["decoder"].config(),
+        fingerprint=parts["decoder_print"],
+        state=parts["decoder"].state_dict() if trained_d else None,
+        state_ema=parts["D_ema"].state_dict() if trained_d else None,
+    )
     C = parts["C"]
-    compressor = dict(kind=C.kind, config=C.config(), state=C.state_dict(),
-                      state_ema=parts["C_ema"].state_dict())
+    compressor = dict(
+        kind=C.kind,
+        config=C.config(),
+        state=C.state_dict(),
+        state_ema=parts["C_ema"].state_dict(),
+    )
     states = {}
     for name in ("opt", "disc", "disc_opt"):
         states[name] = parts[name].state_dict() if parts[name] is not None else None
@@ -298,8 +313,11 @@ def resume_from(resume, parts):
             parts[name].load_state_dict(state)
     norm2 = resume["norm2"]  # copied: nothing keeps the checkpoint's mapping alive
     if norm2 is not None:
-        parts["norm2"] = dict(mean=norm2["mean"].clone(), var=norm2["var"].clone(),
-                              eps=norm2.get("eps", 0.0))
+        parts["norm2"] = dict(
+            mean=norm2["mean"].clone(),
+            var=norm2["var"].clone(),
+            eps=norm2.get("eps", 0.0),
+        )
     common.restore_rng(resume["rng"])
     return resume["step"]
 
@@ -347,7 +365,7 @@ def main(args):
     C = build_compressor(args, encoder.embed_dim).to(device)
     # pca and identity have no parameters: without --train-decoder nothing trains
     trains = args.train_decoder or len(list(C.parameters())) > 0
-    lpips, disc, disc_params = build_losses(args, device) if trains else (None, None, [])
+    lpips, disc, disc_params = build_losses(args, trains, device)
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
 
     # The statistics of eq. 1 (and the PCA fit), the EMA copies of C and D
