@@ -57,7 +57,8 @@ ENCODER = dict(embed_dim=128, depth=2, num_heads=2, patch_size=14, num_registers
 # crop: ADM's centre crop with flips, as in the runs the README reports; RAE's random crop (the default) keeps
 # 2/3 of a side and would cut the shapes that sit near the edges
 STAGE1 = dict(decoder_width=128, decoder_depth=2, decoder_heads=4, decoder_mlp=512, src_dim=8, src_depth=1,
-              epochs=22, lr=1e-3, min_lr=1e-4, ema_decay=0.99, disc="patch", disc_width=16, disc_start=21, disc_upd_start=20,
+              epochs=22, lr=1e-3, min_lr=1e-4, ema_decay=0.99, disc="patch", disc_width=16, disc_start=21,
+              disc_upd_start=20,
               crop="center")
 STAGE2 = dict(model="tiny", epochs=28, lr=1e-3, min_lr=1e-5, ema_decay=0.99)
 BATCH = 64                      # global batch (2 ranks x 32)

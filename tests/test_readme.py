@@ -1,9 +1,9 @@
 """The README's recipe runs as written: every command of its "Reproducing the paper" block, then of its "What only
-a flow can do" block, is parsed and run, in order, in a folder holding tiny stand-ins of each file it names (random weights in the real layouts:
-the official DINOv2 .pth, RAE's decoder model.pt, torchvision's VGG16, the LPIPS v0.1 heads, a DINO ViT,
-the FID Inception state dict, an ADM reference batch). Only sizes are overridden (flags appended after the
-README's own, so argparse takes them): a flag the README uses that the code lost fails here. `torchrun` lines
-run under torchrun with two processes (gloo on CPU), `python` lines as one process."""
+a flow can do" block, is parsed and run, in order, in a folder holding tiny stand-ins of each file it names
+(random weights in the real layouts: the official DINOv2 .pth, RAE's decoder model.pt, torchvision's VGG16, the
+LPIPS v0.1 heads, a DINO ViT, the FID Inception state dict, an ADM reference batch). Only sizes are overridden
+(flags appended after the README's own, so argparse takes them): a flag the README uses that the code lost fails
+here. `torchrun` lines run under torchrun with two processes (gloo on CPU), `python` lines as one process."""
 
 import os
 import re

@@ -253,7 +253,8 @@ def test_dino_backbone_features_are_raes_with_the_tanh_gelu(tmp_path):
     dim, depth, patch, grid = 64, 4, 8, 3
     sd = {"cls_token": torch.randn(1, 1, dim), "pos_embed": torch.randn(1, 1 + grid * grid, dim),
           "patch_embed.proj.weight": torch.randn(dim, 3, patch, patch) * 0.1,
-          "patch_embed.proj.bias": torch.randn(dim) * 0.1, "norm.weight": torch.randn(dim), "norm.bias": torch.randn(dim)}
+          "patch_embed.proj.bias": torch.randn(dim) * 0.1, "norm.weight": torch.randn(dim),
+          "norm.bias": torch.randn(dim)}
     for i in range(depth):
         for k, v in losses.Block(dim, 1).state_dict().items():
             scale = 0.3 if "fc1" in k else 0.02                          # large MLP inputs: the GELUs differ there
@@ -325,7 +326,8 @@ def test_sampler_ranks_split_each_global_batch_and_resume_mid_epoch():
     assert list(one) == order[12:]
     one.set_epoch(3)
     assert list(one) != order
-    assert [i for i, _ in list(one)] != [i for i, _ in order] and {e for _, e in list(one)} == {3}   # keys: (index, epoch)
+    # keys: (index, epoch)
+    assert [i for i, _ in list(one)] != [i for i, _ in order] and {e for _, e in list(one)} == {3}
 
 
 def window_offset(crop, ref):
@@ -484,7 +486,8 @@ def test_every_argument_has_help_and_paper_defaults():
         (2e-4, 2e-5, 16, 256, 0.8, 32, 4)
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
     assert s.compressor == "src"
-    assert s.ema_decay == 0.9978        # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
+    # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
+    assert s.ema_decay == 0.9978
     assert s.crop == "random"           # RAE's stage-1 crop
     f = train_flow.build_parser().parse_args(["--data", "d", "--out", "o", "--stage1", "s"])
     assert (f.lr, f.min_lr, f.epochs, f.batch_size, f.noise_std, f.label_drop, f.grad_clip, f.ema_decay) == \
