@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -500,7 +501,10 @@ def test_every_argument_has_help_and_paper_defaults():
 # Whole runs: resume, 2 processes, statistics, logs, NaN
 
 def test_stage1_resume_and_two_processes_match_one_uninterrupted_run(toy, stage1, capsys):
-    assert cli(train_src, src_args(toy, toy / "s1r", ["--max-steps", 2]), capsys)[0] == 0
+    code, out = cli(train_src, src_args(toy, toy / "s1r", ["--max-steps", 2]), capsys, stream="out")
+    assert code == 0
+    # --disc-start counts epochs (one here): a --max-steps trial that stops before it is told so
+    assert re.search(r"its loss trains C from step \d+ \(not in this run\)", out), out
     mid = load(toy / "s1r" / "checkpoint.pt")
     assert mid["step"] == 2 and mid["norm2"] is not None          # a --max-steps stop writes norm2 too
     assert cli(train_src, src_args(toy, toy / "s1r", ["--resume"]), capsys)[0] == 0
