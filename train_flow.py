@@ -63,9 +63,9 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
         z_c = flow.reverse(u, labels, guidance=guidance)
     for m in sharded:
         m.reshard()
+    if path is None:  # not rank 0
+        return
     with common.autocast(device, precision):
-        if path is None:  # not rank 0
-            return
         images = stage1.decode(z_c).float()
     common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
 
