@@ -5,6 +5,7 @@ LPIPS v0.1 heads, a DINO ViT, the FID Inception state dict, an ADM reference bat
 (flags appended after the README's own, so argparse takes them): a flag the README uses that the code lost fails
 here. `torchrun` lines run under torchrun with two processes (gloo on CPU), `python` lines as one process."""
 
+import glob
 import os
 import re
 import shlex
@@ -30,10 +31,11 @@ TINY = {  # what each script gets appended (sizes, one CPU process), by script a
     "train_flow.py": ["--model", "tiny", "--batch-size", 8, "--epochs", 1, "--max-steps", 2, "--num-workers", 0,
                       "--device", "cpu", "--grid-every", 0],
     "sample.py": ["--num-samples", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
-    "sample.py --nll": ["--limit", 3, "--nll-draws", 1, "--batch-size", 4, "--device", "cpu", "--no-progress"],
-    "sample.py --reconstruct": ["--limit", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
-    "sample.py --invert": ["--batch-size", 4, "--device", "cpu", "--no-progress"],
-    "sample.py --interpolate": ["--steps", 3, "--device", "cpu", "--no-progress"],
+    "evaluate.py": ["--num-samples", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "evaluate.py --reconstruct": ["--limit", 4, "--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "invert.py --nll": ["--limit", 3, "--nll-draws", 1, "--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "invert.py --invert": ["--batch-size", 4, "--device", "cpu", "--no-progress"],
+    "invert.py --interpolate": ["--steps", 3, "--device", "cpu", "--no-progress"],
     "fid.py": ["--batch-size", 4, "--device", "cpu", "--no-progress"],
 }
 
@@ -92,7 +94,7 @@ def write_stand_ins(tmp):
 def test_readme_recipe_runs_as_written(tmp_path):
     commands = recipe_commands()
     scripts = [next(a for a in c if a.endswith(".py")) for c in commands]
-    assert scripts[:2] == ["train_src.py", "sample.py"] and "train_flow.py" in scripts and "fid.py" in scripts
+    assert scripts[:2] == ["train_src.py", "evaluate.py"] and "train_flow.py" in scripts and "fid.py" in scripts
     flow_commands = recipe_commands("What only a flow can do")
     assert [m for c in flow_commands for m in c if m in ("--invert", "--interpolate", "--nll")] == [
         "--invert", "--interpolate", "--interpolate", "--nll"]
@@ -123,10 +125,12 @@ def test_readme_recipe_runs_as_written(tmp_path):
         assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]
 
 
-@pytest.mark.parametrize("script", ["train_src.py", "train_flow.py", "sample.py", "fid.py"])
+@pytest.mark.parametrize("script", ["train_src.py", "train_flow.py", "sample.py", "invert.py", "evaluate.py",
+                                    "fid.py"])
 def test_every_flag_the_readme_names_exists(script):
-    """Flags in any README code line that runs `script` are flags of its parser (the 512 and ablation lines too)."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """Flags in any README or docs/ code line that runs `script` are flags of its parser (the ablation lines too)."""
+    docs = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    text = "".join(open(path).read() for path in docs)
     lines = [l for l in re.findall(r"```bash\n(.*?)```", text, re.S) for l in l.replace("\\\n", " ").splitlines()]
     used = {f for l in lines if script in l for f in re.findall(r"(--[a-z][a-z0-9-]*)", l.split(script, 1)[1])}
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True,
