@@ -54,9 +54,8 @@ SCORE_CHUNK = 16  # score_step's images per autograd pass: XXL keeps ~0.75 GB of
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, a LayerNorm output x shifted and scaled by the class
-    (in one fused multiply-add)."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """adaLN: a LayerNorm output x scaled and shifted by the class (DiT's modulate)."""
+    return x * (1 + scale) + shift
 
 
 class Attention(nn.Module):
@@ -236,7 +235,7 @@ class FlowBlock(nn.Module):
             else:
                 sigma = torch.exp(alpha)
             # eq. 3's inverse: y^k_i = y^{k+1}_i * sigma + mu
-            y[:, i + 1] = torch.addcmul(mu, y_next[:, i + 1], sigma)
+            y[:, i + 1] = y_next[:, i + 1] * sigma + mu
         return self.permute(y, inverse=True)
 
 
