@@ -10,13 +10,16 @@ identity, ... by default) and moves each token with an affine map (eq. 3):
 Jacobian is triangular and the likelihood exact: log p(z_c | c) = log N(u; 0, I) + log|det|,
 log|det| = -sum alpha (eq. 2); training minimises 0.5 ||u||^2 + sum alpha (eq. 9). SimFlow's
 choices: deep-shallow depths [2, 2, 2, 2, 2, L] with the deep block last in the data -> prior
-direction (first when sampling), adaLN-Zero class conditioning (DiT), and the null label
-`num_classes` for label dropout and the unconditional half of classifier-free guidance.
+direction (first when sampling), adaLN-Zero class conditioning (DiT), and a null label for
+label dropout and the unconditional half of classifier-free guidance: `None` at the API
+(labels=None), `self.null_label` = num_classes inside (the class embedding's last row).
 
 Sampling (`reverse`) inverts the blocks token by token with preallocated key/value caches. With
 guidance w > 0 the conditional and null-label passes run as one batch [cond; null], each token's
 two Gaussians combined by STARFlow's rule (sigma = exp(alpha)); both halves continue from the
-guided token. guide_blocks='deep' guides the deep block only (STARFlow's top-block mode):
+guided token. guide_blocks='deep' guides the deep block only and runs the shallow blocks
+conditional and unguided: STARFlow's `guide_top` sampling mode (not its `cond_top_only` model,
+whose shallow blocks are trained without labels). STARFlow's rule:
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
@@ -102,7 +105,8 @@ class Layer(nn.Module):
         self.ada = nn.Linear(channels, 6 * channels)
 
     def modulation(self, c):
-        """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each (B, 1, C)."""
+        """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each
+        (B, 1, C)."""
         return self.ada(c).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(self, h, mod):
@@ -183,7 +187,8 @@ class FlowBlock(nn.Module):
         return self.proj_out(modulate(self.norm(h), out_shift, out_scale))
 
     def params(self, y, layer_mods, out_mod):
-        """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees y_{<i}."""
+        """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees
+        y_{<i}."""
         h = self.proj_in(y.to(self.proj_in.weight.dtype)) + self.pos_embed
         for layer, mod in zip(self.layers, layer_mods):
             if self.checkpointing and torch.is_grad_enabled():
@@ -197,7 +202,8 @@ class FlowBlock(nn.Module):
         return mu, alpha
 
     def forward(self, y, labels):
-        """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and log|det| = -sum alpha."""
+        """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and
+        log|det| = -sum alpha."""
         y = self.permute(y)
         mu, alpha = self.params(y, *self.conditioning(labels))
         y_next = (y.to(mu.dtype) - mu) * torch.exp(-alpha)
@@ -231,7 +237,7 @@ class FlowBlock(nn.Module):
             if guided:
                 mu_c, mu_u = mu.chunk(2)
                 alpha_c, alpha_u = alpha.chunk(2)
-                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, guidance)
+                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w=guidance)
             else:
                 sigma = torch.exp(alpha)
             # eq. 3's inverse: y^k_i = y^{k+1}_i * sigma + mu
@@ -304,7 +310,8 @@ class TARFlow(nn.Module):
         return y, logdet
 
     def log_prob(self, z_c, labels=None):
-        """Eq. 2: the exact log p(z_c | labels) in nats per example (B,), Gaussian constant included."""
+        """Eq. 2: the exact log p(z_c | labels) in nats per example (B,), the Gaussian constant
+        included."""
         u, logdet = self(z_c, labels)
         dims = u.shape[1] * u.shape[2]
         return -0.5 * u.pow(2).sum(dim=(1, 2)) - dims * HALF_LOG_2PI + logdet
@@ -313,7 +320,8 @@ class TARFlow(nn.Module):
     def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all'):
         """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, with KV caches. labels
         (B,) or None (the null label); guidance w > 0: classifier-free guidance in every block
-        (guide_blocks='all') or the deep one ('deep'; the shallow ones then use w = 0)."""
+        (guide_blocks='all') or in the deep one ('deep', STARFlow's guide_top: the shallow ones
+        stay conditional with w = 0)."""
         self.check_tokens(u, 'reverse')
         check_guidance(guidance, guide_blocks)
         B = u.shape[0]
@@ -324,14 +332,15 @@ class TARFlow(nn.Module):
         batch_labels = torch.cat([labels, null]) if guided else labels
         caches = self.new_caches(len(batch_labels), u.device)
         deep_block = self.blocks[-1]  # the last block of f, the first one inverted
-        y = deep_block.reverse(u.to(affine_dtype(u)), batch_labels, caches, guidance)
+        y = u.to(affine_dtype(u))
+        y = deep_block.reverse(y, batch_labels, caches, guidance=guidance)
         # 'deep': the shallow blocks run on the conditional half only, with w = 0
         if guide_blocks == 'deep' and guided:
             batch_labels = labels
             guidance = 0.0
             caches = [cache[:B] for cache in caches]
         for block in reversed(self.blocks[:-1]):
-            y = block.reverse(y, batch_labels, caches, guidance)
+            y = block.reverse(y, batch_labels, caches, guidance=guidance)
         return y
 
     def new_caches(self, batch, device):
@@ -354,15 +363,16 @@ class TARFlow(nn.Module):
             raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")
         labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'score_step')
         steps = []
-        for z, y in zip(z_c.split(chunk), labels.split(chunk)):
-            null = torch.full_like(y, self.null_label)
+        for start in range(0, len(z_c), chunk):
+            part = slice(start, start + chunk)
+            null = torch.full_like(labels[part], self.null_label)
             with torch.inference_mode(False), torch.enable_grad():
-                # one batch [z; z] with the labels [cond; null]
-                both = z.detach().repeat(2, 1, 1).requires_grad_(True)
-                log_p = self.log_prob(both, torch.cat([y, null]))
+                # one batch [z_c; z_c] with the labels [cond; null]
+                both = z_c[part].detach().repeat(2, 1, 1).requires_grad_(True)
+                log_p = self.log_prob(both, torch.cat([labels[part], null]))
                 grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
             grad_c, grad_u = grad.chunk(2)
-            steps.append(z.to(grad_c.dtype) + gamma * (grad_c - grad_u))
+            steps.append(z_c[part].to(grad_c.dtype) + gamma * (grad_c - grad_u))
         return torch.cat(steps).detach()
 
     def cast_linears(self, dtype):
@@ -390,7 +400,8 @@ class TARFlow(nn.Module):
                              f"(B, {shape[0]}, {shape[1]}), got {got}")
 
     def check_labels(self, labels, B, device, name):
-        """Class labels (B,) in [0, num_classes] as int64; None means the null label."""
+        """Class labels (B,) in [0, num_classes] as int64. None (the API's "no label") becomes
+        self.null_label for every example."""
         if labels is None:
             return torch.full((B,), self.null_label, dtype=torch.long, device=device)
         integer = torch.is_tensor(labels) and labels.dtype in (torch.int32, torch.int64)
@@ -438,9 +449,11 @@ def check_permutations(permutations, num_blocks, num_tokens):
 
 
 def check_guidance(guidance, guide_blocks):
+    """One-line errors for a guidance scale w < 0 or a guide_blocks not 'all' or 'deep'."""
     finite = isinstance(guidance, (int, float)) and math.isfinite(guidance)
     if not (finite and guidance >= 0):
-        raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
+        raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, "
+                         f"got {guidance!r}")
     if guide_blocks not in ('all', 'deep'):
         raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', "
                          f"got {guide_blocks!r}")
