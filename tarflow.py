@@ -270,9 +270,17 @@ class TARFlow(nn.Module):
         self.null_label = num_classes
         blocks = []
         for depth, perm in zip(depths, perms):
-            blocks.append(FlowBlock(in_channels, num_tokens, channels, depth=depth,
-                                    head_dim=head_dim, num_classes=num_classes,
-                                    mlp_ratio=mlp_ratio, perm=perm))
+            block = FlowBlock(
+                in_channels=in_channels,
+                num_tokens=num_tokens,
+                channels=channels,
+                depth=depth,
+                head_dim=head_dim,
+                num_classes=num_classes,
+                mlp_ratio=mlp_ratio,
+                perm=perm,
+            )
+            blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.initialize_weights()
 
@@ -293,10 +301,16 @@ class TARFlow(nn.Module):
 
     def config(self):
         """The constructor arguments, as flow checkpoints store them (`flow_config`)."""
-        return dict(in_channels=self.in_channels, num_tokens=self.num_tokens,
-                    channels=self.channels, depths=list(self.depths), head_dim=self.head_dim,
-                    num_classes=self.num_classes, mlp_ratio=self.mlp_ratio,
-                    permutations=[list(p) for p in self.permutations])
+        return dict(
+            in_channels=self.in_channels,
+            num_tokens=self.num_tokens,
+            channels=self.channels,
+            depths=list(self.depths),
+            head_dim=self.head_dim,
+            num_classes=self.num_classes,
+            mlp_ratio=self.mlp_ratio,
+            permutations=[list(p) for p in self.permutations],
+        )
 
     def forward(self, z_c, labels=None):
         """Data -> prior: u = f(z_c) (B, N, d) and log|det df/dz_c| (B,), summed over all blocks."""
