@@ -261,9 +261,11 @@ class Stage1(nn.Module):
     """E and D with the RAE statistics (rae.RAE), a compressor C and the compact statistics norm2:
     the channel-wise standardisation of C_enc's output (eq. 5), written as eq. 1 is. It is the
     identity until train_src.py measures it at its end; eq. 7, which stage 1 trains, has none.
+    num_classes: the classes of the data stage 1 was trained on (None: not given); image_size is
+    the RAE's.
     """
 
-    def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS):
+    def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS, num_classes=None):
         super().__init__()
         d = compressor.d
         self.rae = rae
@@ -275,6 +277,12 @@ class Stage1(nn.Module):
         self.register_buffer("mean2", torch.as_tensor(mean2).float())
         self.register_buffer("var2", torch.as_tensor(var2).float())
         self.eps2 = float(eps2)
+        self.num_classes = num_classes
+
+    @property
+    def image_size(self):
+        """S: the images are (B, 3, S, S), the RAE's size."""
+        return self.rae.image_size
 
     def encode_raw(self, images):
         """z_raw = E(x): images in [0, 1] (B, 3, S, S) -> (B, N, n)."""
@@ -371,7 +379,6 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     C = COMPRESSORS[comp["kind"]](**comp["config"])
     C.load_state_dict(comp["state_ema" if ema else "state"])
     eps2 = norm2.get("eps", 0.0)  # older files: none stored, norm2 divided by sqrt(var)
-    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=eps2)
-    stage1.image_size = int(ckpt["image_size"])
-    stage1.num_classes = ckpt.get("num_classes")
+    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=eps2,
+                    num_classes=ckpt.get("num_classes"))
     return stage1.to(device).eval().requires_grad_(False)
