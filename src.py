@@ -328,16 +328,15 @@ class Stage1(nn.Module):
 
 def recorded_part(ckpt_path, what, flag, file, load, record):
     """E or a released D of a stage-1 checkpoint: load(file), refused unless its config() and
-    its weights' fingerprint are the recorded ones (files written before fingerprints were
-    recorded: config only)."""
+    its weights' fingerprint are the recorded ones."""
     if not file or not os.path.exists(file):
         raise FileNotFoundError(f"{file}: the {what} of {ckpt_path} is missing; pass {flag} PATH")
     model = load(file)
     if model.config() != record["config"]:
         raise UserError(f"{file}: {what} {model.config()} is not the one {ckpt_path} was trained "
                         f"with ({record['config']})")
-    recorded = record.get("fingerprint")
-    found = fingerprint(model) if recorded is not None else None
+    recorded = record["fingerprint"]
+    found = fingerprint(model)
     if found != recorded:
         raise UserError(f"{file}: {what} weights (fingerprint {found}) are not the ones "
                         f"{ckpt_path} was trained with ({recorded}); pass {flag} with that file")
@@ -352,8 +351,6 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     released D are read from their files; `encoder`, `decoder` give their paths if they moved.
     """
     ckpt = load_checkpoint(path, "src")
-    if "compressor" not in ckpt:
-        raise UserError(f"{path}: an older stage-1 layout (no 'compressor'); rerun train_src.py")
     norm2 = ckpt.get("norm2")
     if norm2 is None:
         raise UserError(f"{path}: no norm2 yet (train_src.py writes it when it stops); resume "
@@ -368,7 +365,7 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
         D = RAEDecoder(**dec["config"])
         D.load_state_dict(dec["state_ema" if ema else "state"])
     else:
-        heads = dec["config"].get("num_heads")
+        heads = dec["config"]["num_heads"]
         D = recorded_part(path, "RAE decoder", flag="--decoder", file=decoder or dec["path"],
                           load=lambda p: load_rae_decoder(p, num_heads=heads), record=dec)
     rae = RAE(E, D, image_size=ckpt["image_size"])
@@ -378,7 +375,6 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
                         f"({', '.join(COMPRESSORS)}); a fork's compressor must be added there")
     C = COMPRESSORS[comp["kind"]](**comp["config"])
     C.load_state_dict(comp["state_ema" if ema else "state"])
-    eps2 = norm2.get("eps", 0.0)  # older files: none stored, norm2 divided by sqrt(var)
-    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=eps2,
-                    num_classes=ckpt.get("num_classes"))
+    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=norm2["eps"],
+                    num_classes=ckpt["num_classes"])
     return stage1.to(device).eval().requires_grad_(False)
