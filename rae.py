@@ -309,7 +309,7 @@ class RAE(nn.Module):
         return denormalize(self._checked(z), self.mean, self.var)
 
     def encode(self, images):
-        """z = normalize(E(x)); the training scripts add eq. 7/8's encoder noise to E(x)."""
+        """z = normalize(E(x)), eq. 1 without noise; src.Stage1 adds eq. 7/8's noise to E(x)."""
         return self.normalize(self.encode_raw(images))
 
     def decode(self, z):
@@ -547,6 +547,7 @@ def save_rae_decoder(decoder, path):
     os.replace(path + ".tmp", path)
 
 
+# ---- Weight fingerprints: stage 1 records them, load_stage1 compares them
 def fingerprint(model):
     """A short sha256 of a model's weights (sorted names, shapes, float32 values): the same
     whichever file held them (official .pth, Hugging Face safetensors or .bin); DINOv2's unused
