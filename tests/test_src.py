@@ -1,6 +1,6 @@
 """src.py: SRC (eq. 4) against an independent computation, global mixing, learning, bad input; the Table 5 variants:
 PCA against an independent numpy SVD, Linear token-wise against its formula, Identity exact; config round trips
-and the GAN layer of every compressor."""
+and the GAN layer of every compressor; Stage1's num_classes and image_size."""
 
 import math
 
