@@ -434,6 +434,20 @@ class TARFlow(nn.Module):
         return labels.to(device=device, dtype=torch.long)
 
 
+# ---- Eq. 9: the training loss, and the likelihood in bits
+def nll_per_dim(u, logdet):
+    """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
+    -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
+    dims = u.shape[1] * u.shape[2]
+    return (0.5 * u.pow(2).sum(dim=(1, 2)) - logdet) / dims
+
+
+def bits_per_dim(nll):
+    """nll_per_dim (nats, eq. 9 / (N d)) -> -log2 p(z_c) / (N d): the Gaussian constant added."""
+    return (nll + HALF_LOG_2PI) / math.log(2)
+
+
+# ---- Argument checks of TARFlow's constructor and reverse (one-line errors)
 def check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes):
     """One-line errors for a TARFlow that cannot be built."""
     if min(in_channels, num_tokens, channels, head_dim) <= 0:
@@ -471,19 +485,6 @@ def check_guidance(guidance, guide_blocks):
     if guide_blocks not in ('all', 'deep'):
         raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', "
                          f"got {guide_blocks!r}")
-
-
-# ---- The training loss and the likelihood in bits
-def nll_per_dim(u, logdet):
-    """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
-    -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
-    dims = u.shape[1] * u.shape[2]
-    return (0.5 * u.pow(2).sum(dim=(1, 2)) - logdet) / dims
-
-
-def bits_per_dim(nll):
-    """nll_per_dim (nats, eq. 9 / (N d)) -> -log2 p(z_c) / (N d): the Gaussian constant added."""
-    return (nll + HALF_LOG_2PI) / math.log(2)
 
 
 # ---- Checkpoints
