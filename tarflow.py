@@ -53,7 +53,8 @@ SIZES = {
 # -log N(0; 0, 1): the Gaussian constant per dimension
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LN_EPS = 1e-6
-SCORE_CHUNK = 16  # score_step's images per autograd pass: XXL keeps ~0.75 GB of activations each
+# score_step's images per autograd pass: XXL keeps ~0.75 GB of activations for each
+SCORE_CHUNK = 16
 
 
 def modulate(x, shift, scale):
@@ -254,7 +255,8 @@ class TARFlow(nn.Module):
         depths = list(depths)
         check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes)
         natural = list(range(num_tokens))
-        if permutations is None:  # the default orders: identity, reversed, identity, ...
+        # the default orders: identity, reversed, identity, ...
+        if permutations is None:
             permutations = []
             for k in range(len(depths)):
                 permutations.append(natural[::-1] if k % 2 else natural)
