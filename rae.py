@@ -105,8 +105,8 @@ class DINOv2(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid**2, C))
         R = num_registers
         self.register_tokens = nn.Parameter(torch.zeros(1, R, C)) if R else None
-        self.blocks = nn.ModuleList(
-            [Block(C, num_heads, mlp_ratio, init_values) for _ in range(depth)])
+        blocks = [Block(C, num_heads, mlp_ratio, init_values=init_values) for _ in range(depth)]
+        self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(C, eps=ENCODER_LN_EPS)
         # iBOT's mask token, unused here.
         self.mask_token = nn.Parameter(torch.zeros(1, C))
@@ -309,7 +309,7 @@ class RAE(nn.Module):
         return denormalize(self._checked(z), self.mean, self.var)
 
     def encode(self, images):
-        """z = normalize(E(x)); the training scripts add eq. 7/8's encoder noise to E(x)."""
+        """z = normalize(E(x)), eq. 1 without noise; src.Stage1 adds eq. 7/8's noise to E(x)."""
         return self.normalize(self.encode_raw(images))
 
     def decode(self, z):
@@ -484,11 +484,16 @@ def dinov2_from_state_dict(sd, path="state dict"):
     # Some exports lack the mask token; forward never uses it.
     sd = {"mask_token": torch.zeros(1, C), **sd}
     model = DINOv2(
-        embed_dim=C, depth=len(blocks), num_heads=max(1, C // 64), patch_size=proj.shape[-1],
-        pos_grid=grid, num_registers=registers.shape[1] if registers is not None else 0,
+        embed_dim=C,
+        depth=len(blocks),
+        num_heads=max(1, C // 64),
+        patch_size=proj.shape[-1],
+        pos_grid=grid,
+        num_registers=registers.shape[1] if registers is not None else 0,
         init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
-        mlp_ratio=fc1.shape[0] / C if fc1 is not None else 4.0)
-    return load_weights(model, sd, path, DINOV2_FILE)
+        mlp_ratio=fc1.shape[0] / C if fc1 is not None else 4.0,
+    )
+    return load_weights(model, sd, path, what=DINOV2_FILE)
 
 
 def load_dinov2(path):
@@ -535,9 +540,15 @@ def load_rae_decoder(path, num_heads=None):
         raise ValueError(f"{path}: width {hidden} is not RAE's; pass num_heads")
     layers = {k.split(".")[1] for k in sd if k.startswith("decoder_layers.")}
     decoder = RAEDecoder(
-        in_dim=in_dim, hidden=hidden, depth=len(layers), num_heads=num_heads, patch_size=patch,
-        mlp_dim=sd[DECODER_KEYS[3]].shape[0], num_patches=sd["decoder_pos_embed"].shape[1] - 1)
-    return load_weights(decoder, sd, path, DECODER_FILE)
+        in_dim=in_dim,
+        hidden=hidden,
+        depth=len(layers),
+        num_heads=num_heads,
+        mlp_dim=sd[DECODER_KEYS[3]].shape[0],
+        patch_size=patch,
+        num_patches=sd["decoder_pos_embed"].shape[1] - 1,
+    )
+    return load_weights(decoder, sd, path, what=DECODER_FILE)
 
 
 def save_rae_decoder(decoder, path):
@@ -547,6 +558,7 @@ def save_rae_decoder(decoder, path):
     os.replace(path + ".tmp", path)
 
 
+# ---- Weight fingerprints: stage 1 records them, load_stage1 compares them
 def fingerprint(model):
     """A short sha256 of a model's weights (sorted names, shapes, float32 values): the same
     whichever file held them (official .pth, Hugging Face safetensors or .bin); DINOv2's unused

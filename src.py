@@ -3,9 +3,10 @@
 A compressor maps each normalized RAE token (n = 768) to a compact one (d = 32) from which the
 frozen RAE decoder D still rebuilds the image: z_c~ = C_enc(z), z^ = C_dec(z_c~) (eq. 4).
 COMPRESSORS holds the rows of the paper's Table 5: src (the paper's SRC: L Transformer blocks
-then Linear n -> d, mirrored), conv (the same with local convolutions in place of attention),
-linear (token-wise), pca (fitted, not trained: 99.06% of the variance at d = 32) and identity
-(d = n, the full-representation baseline of Table 1).
+then Linear n -> d, mirrored), conv (our reading of its "local convolution": the same with
+convolutions over the token grid in place of attention), linear (token-wise), pca (fitted, not
+trained: 99.06% of the variance at d = 32) and identity (d = n, the full-representation
+baseline of Table 1).
 
 Stage1 then writes the compact space once, with E, the RAE statistics (eq. 1) and norm2:
 
@@ -31,6 +32,7 @@ from rae import (RAE, STATS_EPS, Block, RAEDecoder, denormalize, fingerprint, lo
 LN_EPS = 1e-6
 
 
+# ---- The compressors of Table 5 (eq. 4)
 def init_linear(module):
     """ViT initialisation of every Linear: truncated normal (std 0.02) weights, zero biases."""
     for m in module.modules():
@@ -145,9 +147,12 @@ class ConvBlock(nn.Module):
 
 
 class Conv(BlockCompressor):
-    """Table 5's convolutional compressor: the SRC with ConvBlocks, so that a token sees only
-    the tokens depth * (kernel // 2) grid steps around it. Defaults: 3 blocks of 3 x 3 per side,
-    60.3M parameters at n = 768, d = 32 (the SRC with L = 4: 56.8M)."""
+    """Table 5's convolutional compressor as we read it: the paper says only "local convolution",
+    so this is the SRC with ConvBlocks, and a token sees only the tokens depth * (kernel // 2)
+    grid steps around it. 3 blocks of 3 x 3 per side by default, so that it has about the SRC's
+    parameters at L = 4 (60.3M vs 56.8M at n = 768, d = 32): a 3 x 3 convolution holds 9 n^2
+    weights where attention holds 4 n^2, so 3 ConvBlocks (51 n^2) weigh about 4 blocks (48 n^2).
+    """
     kind = "conv"
 
     def __init__(self, n=768, d=32, depth=3, kernel=3, mlp_ratio=4.0):
@@ -164,8 +169,7 @@ class Conv(BlockCompressor):
         """x unchanged if it is tokens (B, N, width) on a square grid, else a one-line error."""
         N = super().check(x, width, name).shape[1]
         if math.isqrt(N) ** 2 != N:
-            raise ValueError(f"Conv.{name}: expected a square grid of N tokens, "
-                             f"got N={N}")
+            raise ValueError(f"Conv.{name}: expected a square grid of N tokens, got N={N}")
         return x
 
 
@@ -261,9 +265,11 @@ class Stage1(nn.Module):
     """E and D with the RAE statistics (rae.RAE), a compressor C and the compact statistics norm2:
     the channel-wise standardisation of C_enc's output (eq. 5), written as eq. 1 is. It is the
     identity until train_src.py measures it at its end; eq. 7, which stage 1 trains, has none.
+    num_classes: the classes of the data stage 1 was trained on (None: not given); image_size is
+    the RAE's.
     """
 
-    def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS):
+    def __init__(self, rae, compressor, mean2=None, var2=None, eps2=STATS_EPS, num_classes=None):
         super().__init__()
         d = compressor.d
         self.rae = rae
@@ -275,6 +281,12 @@ class Stage1(nn.Module):
         self.register_buffer("mean2", torch.as_tensor(mean2).float())
         self.register_buffer("var2", torch.as_tensor(var2).float())
         self.eps2 = float(eps2)
+        self.num_classes = num_classes
+
+    @property
+    def image_size(self):
+        """S: the images are (B, 3, S, S), the RAE's size."""
+        return self.rae.image_size
 
     def encode_raw(self, images):
         """z_raw = E(x): images in [0, 1] (B, 3, S, S) -> (B, N, n)."""
@@ -308,7 +320,8 @@ class Stage1(nn.Module):
         """Eq. 10: prior noise u (B, N, d) -> images in [0, 1] (B, 3, S, S), not clamped.
 
         z_c = f^{-1}(u) with classifier-free guidance (STARFlow's rule; every block or the deep
-        one), then SimFlow's score step when score_step > 0, then the decoders.
+        one), then SimFlow's score step when score_step > 0, then the decoders. labels (B,) or
+        None (no label: the flow's null_label; an unconditional flow gets None).
         """
         if not flow.num_classes:
             labels = None
@@ -318,24 +331,7 @@ class Stage1(nn.Module):
         return self.decode(z_c).float()
 
 
-def recorded_part(ckpt_path, what, flag, file, load, record):
-    """E or a released D of a stage-1 checkpoint: load(file), refused unless its config() and
-    its weights' fingerprint are the recorded ones (files written before fingerprints were
-    recorded: config only)."""
-    if not file or not os.path.exists(file):
-        raise FileNotFoundError(f"{file}: the {what} of {ckpt_path} is missing; pass {flag} PATH")
-    model = load(file)
-    if model.config() != record["config"]:
-        raise UserError(f"{file}: {what} {model.config()} is not the one {ckpt_path} was trained "
-                        f"with ({record['config']})")
-    recorded = record.get("fingerprint")
-    found = fingerprint(model) if recorded is not None else None
-    if found != recorded:
-        raise UserError(f"{file}: {what} weights (fingerprint {found}) are not the ones "
-                        f"{ckpt_path} was trained with ({recorded}); pass {flag} with that file")
-    return model
-
-
+# ---- Loading a stage-1 checkpoint, and its checks
 def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     """The frozen Stage1 of a train_src.py checkpoint (EMA weights by default), in eval mode.
     The checkpoint records what it was built from, rebuilt here exactly or refused: encoder
@@ -344,8 +340,6 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
     released D are read from their files; `encoder`, `decoder` give their paths if they moved.
     """
     ckpt = load_checkpoint(path, "src")
-    if "compressor" not in ckpt:
-        raise UserError(f"{path}: an older stage-1 layout (no 'compressor'); rerun train_src.py")
     norm2 = ckpt.get("norm2")
     if norm2 is None:
         raise UserError(f"{path}: no norm2 yet (train_src.py writes it when it stops); resume "
@@ -360,7 +354,7 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
         D = RAEDecoder(**dec["config"])
         D.load_state_dict(dec["state_ema" if ema else "state"])
     else:
-        heads = dec["config"].get("num_heads")
+        heads = dec["config"]["num_heads"]
         D = recorded_part(path, "RAE decoder", flag="--decoder", file=decoder or dec["path"],
                           load=lambda p: load_rae_decoder(p, num_heads=heads), record=dec)
     rae = RAE(E, D, image_size=ckpt["image_size"])
@@ -370,8 +364,23 @@ def load_stage1(path, device="cpu", ema=True, encoder=None, decoder=None):
                         f"({', '.join(COMPRESSORS)}); a fork's compressor must be added there")
     C = COMPRESSORS[comp["kind"]](**comp["config"])
     C.load_state_dict(comp["state_ema" if ema else "state"])
-    eps2 = norm2.get("eps", 0.0)  # older files: none stored, norm2 divided by sqrt(var)
-    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=eps2)
-    stage1.image_size = int(ckpt["image_size"])
-    stage1.num_classes = ckpt.get("num_classes")
+    stage1 = Stage1(rae, C, mean2=norm2["mean"], var2=norm2["var"], eps2=norm2["eps"],
+                    num_classes=ckpt["num_classes"])
     return stage1.to(device).eval().requires_grad_(False)
+
+
+def recorded_part(ckpt_path, what, flag, file, load, record):
+    """E or a released D of a stage-1 checkpoint: load(file), refused unless its config() and
+    its weights' fingerprint are the recorded ones."""
+    if not file or not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: the {what} of {ckpt_path} is missing; pass {flag} PATH")
+    model = load(file)
+    if model.config() != record["config"]:
+        raise UserError(f"{file}: {what} {model.config()} is not the one {ckpt_path} was trained "
+                        f"with ({record['config']})")
+    recorded = record["fingerprint"]
+    found = fingerprint(model)
+    if found != recorded:
+        raise UserError(f"{file}: {what} weights (fingerprint {found}) are not the ones "
+                        f"{ckpt_path} was trained with ({recorded}); pass {flag} with that file")
+    return model

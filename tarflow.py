@@ -10,13 +10,16 @@ identity, ... by default) and moves each token with an affine map (eq. 3):
 Jacobian is triangular and the likelihood exact: log p(z_c | c) = log N(u; 0, I) + log|det|,
 log|det| = -sum alpha (eq. 2); training minimises 0.5 ||u||^2 + sum alpha (eq. 9). SimFlow's
 choices: deep-shallow depths [2, 2, 2, 2, 2, L] with the deep block last in the data -> prior
-direction (first when sampling), adaLN-Zero class conditioning (DiT), and the null label
-`num_classes` for label dropout and the unconditional half of classifier-free guidance.
+direction (first when sampling), adaLN-Zero class conditioning (DiT), and a null label for
+label dropout and the unconditional half of classifier-free guidance: `None` at the API
+(labels=None), `self.null_label` = num_classes inside (the class embedding's last row).
 
 Sampling (`reverse`) inverts the blocks token by token with preallocated key/value caches. With
 guidance w > 0 the conditional and null-label passes run as one batch [cond; null], each token's
 two Gaussians combined by STARFlow's rule (sigma = exp(alpha)); both halves continue from the
-guided token. guide_blocks='deep' guides the deep block only (STARFlow's top-block mode):
+guided token. guide_blocks='deep' guides the deep block only and runs the shallow blocks
+conditional and unguided: STARFlow's `guide_top` sampling mode (not its `cond_top_only` model,
+whose shallow blocks are trained without labels). STARFlow's rule:
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
@@ -50,13 +53,13 @@ SIZES = {
 # -log N(0; 0, 1): the Gaussian constant per dimension
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 LN_EPS = 1e-6
-SCORE_CHUNK = 16  # score_step's images per autograd pass: XXL keeps ~0.75 GB of activations each
+# score_step's images per autograd pass: XXL keeps ~0.75 GB of activations for each
+SCORE_CHUNK = 16
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, a LayerNorm output x shifted and scaled by the class
-    (in one fused multiply-add)."""
-    return torch.addcmul(shift, x, 1 + scale)
+    """adaLN: a LayerNorm output x scaled and shifted by the class (DiT's modulate)."""
+    return x * (1 + scale) + shift
 
 
 class Attention(nn.Module):
@@ -103,7 +106,8 @@ class Layer(nn.Module):
         self.ada = nn.Linear(channels, 6 * channels)
 
     def modulation(self, c):
-        """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each (B, 1, C)."""
+        """c = SiLU(class embedding) (B, C) -> shift, scale, gate of attention and MLP, each
+        (B, 1, C)."""
         return self.ada(c).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(self, h, mod):
@@ -184,7 +188,8 @@ class FlowBlock(nn.Module):
         return self.proj_out(modulate(self.norm(h), out_shift, out_scale))
 
     def params(self, y, layer_mods, out_mod):
-        """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees y_{<i}."""
+        """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees
+        y_{<i}."""
         h = self.proj_in(y.to(self.proj_in.weight.dtype)) + self.pos_embed
         for layer, mod in zip(self.layers, layer_mods):
             if self.checkpointing and torch.is_grad_enabled():
@@ -198,7 +203,8 @@ class FlowBlock(nn.Module):
         return mu, alpha
 
     def forward(self, y, labels):
-        """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and log|det| = -sum alpha."""
+        """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and
+        log|det| = -sum alpha."""
         y = self.permute(y)
         mu, alpha = self.params(y, *self.conditioning(labels))
         y_next = (y.to(mu.dtype) - mu) * torch.exp(-alpha)
@@ -232,11 +238,11 @@ class FlowBlock(nn.Module):
             if guided:
                 mu_c, mu_u = mu.chunk(2)
                 alpha_c, alpha_u = alpha.chunk(2)
-                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, guidance)
+                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w=guidance)
             else:
                 sigma = torch.exp(alpha)
             # eq. 3's inverse: y^k_i = y^{k+1}_i * sigma + mu
-            y[:, i + 1] = torch.addcmul(mu, y_next[:, i + 1], sigma)
+            y[:, i + 1] = y_next[:, i + 1] * sigma + mu
         return self.permute(y, inverse=True)
 
 
@@ -249,7 +255,8 @@ class TARFlow(nn.Module):
         depths = list(depths)
         check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes)
         natural = list(range(num_tokens))
-        if permutations is None:  # the default orders: identity, reversed, identity, ...
+        # the default orders: identity, reversed, identity, ...
+        if permutations is None:
             permutations = []
             for k in range(len(depths)):
                 permutations.append(natural[::-1] if k % 2 else natural)
@@ -265,9 +272,17 @@ class TARFlow(nn.Module):
         self.null_label = num_classes
         blocks = []
         for depth, perm in zip(depths, perms):
-            blocks.append(FlowBlock(in_channels, num_tokens, channels, depth=depth,
-                                    head_dim=head_dim, num_classes=num_classes,
-                                    mlp_ratio=mlp_ratio, perm=perm))
+            block = FlowBlock(
+                in_channels=in_channels,
+                num_tokens=num_tokens,
+                channels=channels,
+                depth=depth,
+                head_dim=head_dim,
+                num_classes=num_classes,
+                mlp_ratio=mlp_ratio,
+                perm=perm,
+            )
+            blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.initialize_weights()
 
@@ -288,10 +303,16 @@ class TARFlow(nn.Module):
 
     def config(self):
         """The constructor arguments, as flow checkpoints store them (`flow_config`)."""
-        return dict(in_channels=self.in_channels, num_tokens=self.num_tokens,
-                    channels=self.channels, depths=list(self.depths), head_dim=self.head_dim,
-                    num_classes=self.num_classes, mlp_ratio=self.mlp_ratio,
-                    permutations=[list(p) for p in self.permutations])
+        return dict(
+            in_channels=self.in_channels,
+            num_tokens=self.num_tokens,
+            channels=self.channels,
+            depths=list(self.depths),
+            head_dim=self.head_dim,
+            num_classes=self.num_classes,
+            mlp_ratio=self.mlp_ratio,
+            permutations=[list(p) for p in self.permutations],
+        )
 
     def forward(self, z_c, labels=None):
         """Data -> prior: u = f(z_c) (B, N, d) and log|det df/dz_c| (B,), summed over all blocks."""
@@ -305,7 +326,8 @@ class TARFlow(nn.Module):
         return y, logdet
 
     def log_prob(self, z_c, labels=None):
-        """Eq. 2: the exact log p(z_c | labels) in nats per example (B,), Gaussian constant included."""
+        """Eq. 2: the exact log p(z_c | labels) in nats per example (B,), the Gaussian constant
+        included."""
         u, logdet = self(z_c, labels)
         dims = u.shape[1] * u.shape[2]
         return -0.5 * u.pow(2).sum(dim=(1, 2)) - dims * HALF_LOG_2PI + logdet
@@ -314,7 +336,8 @@ class TARFlow(nn.Module):
     def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all'):
         """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, with KV caches. labels
         (B,) or None (the null label); guidance w > 0: classifier-free guidance in every block
-        (guide_blocks='all') or the deep one ('deep'; the shallow ones then use w = 0)."""
+        (guide_blocks='all') or in the deep one ('deep', STARFlow's guide_top: the shallow ones
+        stay conditional with w = 0)."""
         self.check_tokens(u, 'reverse')
         check_guidance(guidance, guide_blocks)
         B = u.shape[0]
@@ -325,14 +348,15 @@ class TARFlow(nn.Module):
         batch_labels = torch.cat([labels, null]) if guided else labels
         caches = self.new_caches(len(batch_labels), u.device)
         deep_block = self.blocks[-1]  # the last block of f, the first one inverted
-        y = deep_block.reverse(u.to(affine_dtype(u)), batch_labels, caches, guidance)
+        y = u.to(affine_dtype(u))
+        y = deep_block.reverse(y, batch_labels, caches, guidance=guidance)
         # 'deep': the shallow blocks run on the conditional half only, with w = 0
         if guide_blocks == 'deep' and guided:
             batch_labels = labels
             guidance = 0.0
             caches = [cache[:B] for cache in caches]
         for block in reversed(self.blocks[:-1]):
-            y = block.reverse(y, batch_labels, caches, guidance)
+            y = block.reverse(y, batch_labels, caches, guidance=guidance)
         return y
 
     def new_caches(self, batch, device):
@@ -355,15 +379,16 @@ class TARFlow(nn.Module):
             raise ValueError(f"TARFlow.score_step: gamma must be a finite number, got {gamma!r}")
         labels = self.check_labels(labels, z_c.shape[0], z_c.device, 'score_step')
         steps = []
-        for z, y in zip(z_c.split(chunk), labels.split(chunk)):
-            null = torch.full_like(y, self.null_label)
+        for start in range(0, len(z_c), chunk):
+            part = slice(start, start + chunk)
+            null = torch.full_like(labels[part], self.null_label)
             with torch.inference_mode(False), torch.enable_grad():
-                # one batch [z; z] with the labels [cond; null]
-                both = z.detach().repeat(2, 1, 1).requires_grad_(True)
-                log_p = self.log_prob(both, torch.cat([y, null]))
+                # one batch [z_c; z_c] with the labels [cond; null]
+                both = z_c[part].detach().repeat(2, 1, 1).requires_grad_(True)
+                log_p = self.log_prob(both, torch.cat([labels[part], null]))
                 grad = torch.autograd.grad(log_p.sum(), both)[0]  # examples are independent
             grad_c, grad_u = grad.chunk(2)
-            steps.append(z.to(grad_c.dtype) + gamma * (grad_c - grad_u))
+            steps.append(z_c[part].to(grad_c.dtype) + gamma * (grad_c - grad_u))
         return torch.cat(steps).detach()
 
     def cast_linears(self, dtype):
@@ -391,7 +416,8 @@ class TARFlow(nn.Module):
                              f"(B, {shape[0]}, {shape[1]}), got {got}")
 
     def check_labels(self, labels, B, device, name):
-        """Class labels (B,) in [0, num_classes] as int64; None means the null label."""
+        """Class labels (B,) in [0, num_classes] as int64. None (the API's "no label") becomes
+        self.null_label for every example."""
         if labels is None:
             return torch.full((B,), self.null_label, dtype=torch.long, device=device)
         integer = torch.is_tensor(labels) and labels.dtype in (torch.int32, torch.int64)
@@ -410,6 +436,20 @@ class TARFlow(nn.Module):
         return labels.to(device=device, dtype=torch.long)
 
 
+# ---- Eq. 9: the training loss, and the likelihood in bits
+def nll_per_dim(u, logdet):
+    """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
+    -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
+    dims = u.shape[1] * u.shape[2]
+    return (0.5 * u.pow(2).sum(dim=(1, 2)) - logdet) / dims
+
+
+def bits_per_dim(nll):
+    """nll_per_dim (nats, eq. 9 / (N d)) -> -log2 p(z_c) / (N d): the Gaussian constant added."""
+    return (nll + HALF_LOG_2PI) / math.log(2)
+
+
+# ---- Argument checks of TARFlow's constructor and reverse (one-line errors)
 def check_config(in_channels, num_tokens, channels, depths, head_dim, num_classes):
     """One-line errors for a TARFlow that cannot be built."""
     if min(in_channels, num_tokens, channels, head_dim) <= 0:
@@ -439,25 +479,14 @@ def check_permutations(permutations, num_blocks, num_tokens):
 
 
 def check_guidance(guidance, guide_blocks):
+    """One-line errors for a guidance scale w < 0 or a guide_blocks not 'all' or 'deep'."""
     finite = isinstance(guidance, (int, float)) and math.isfinite(guidance)
     if not (finite and guidance >= 0):
-        raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, got {guidance!r}")
+        raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, "
+                         f"got {guidance!r}")
     if guide_blocks not in ('all', 'deep'):
         raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', "
                          f"got {guide_blocks!r}")
-
-
-# ---- The training loss and the likelihood in bits
-def nll_per_dim(u, logdet):
-    """Eq. 9 per example divided by N d, in nats: (0.5 ||u||^2 - log|det|) / (N d). This is
-    -log p(z_c) / (N d) without the Gaussian constant HALF_LOG_2PI (the training loss)."""
-    dims = u.shape[1] * u.shape[2]
-    return (0.5 * u.pow(2).sum(dim=(1, 2)) - logdet) / dims
-
-
-def bits_per_dim(nll):
-    """nll_per_dim (nats, eq. 9 / (N d)) -> -log2 p(z_c) / (N d): the Gaussian constant added."""
-    return (nll + HALF_LOG_2PI) / math.log(2)
 
 
 # ---- Checkpoints

@@ -1,6 +1,6 @@
 """src.py: SRC (eq. 4) against an independent computation, global mixing, learning, bad input; the Table 5 variants:
 PCA against an independent numpy SVD, Linear token-wise against its formula, Identity exact; config round trips
-and the GAN layer of every compressor."""
+and the GAN layer of every compressor; Stage1's num_classes and image_size."""
 
 import math
 
@@ -290,3 +290,22 @@ def test_identity_is_exact():
     z = torch.randn(2, 12, 64)
     assert C.d == C.n == 64 and C.config() == {"n": 64} and not list(C.parameters())
     assert torch.equal(C.encode(z), z) and torch.equal(C.decode(z), z) and torch.equal(C(z), z)
+
+
+# -----------------------------------------------------------------------------
+# Stage1: what it is given, not set from outside
+
+def test_stage1_takes_num_classes_and_reads_image_size_from_the_rae():
+    """num_classes is a constructor argument; image_size is the RAE's, read-only; a new Stage1's norm2 is the
+    identity (eq. 7 has none)."""
+    import rae
+    from src import Stage1
+    torch.manual_seed(0)
+    E = rae.DINOv2(embed_dim=32, depth=1, num_heads=1, num_registers=0, pos_grid=2)
+    D = rae.RAEDecoder(in_dim=32, hidden=32, depth=1, num_heads=1, mlp_dim=64, patch_size=16, num_patches=4)
+    s1 = Stage1(rae.RAE(E, D, image_size=32), Linear(n=32, d=4), num_classes=3)
+    assert s1.image_size == 32 and s1.num_classes == 3 and Stage1(s1.rae, s1.C).num_classes is None
+    with pytest.raises(AttributeError):
+        s1.image_size = 64
+    z_raw = s1.encode_raw(torch.rand(2, 3, 32, 32))
+    assert torch.equal(s1.compact(z_raw), s1.C.encode(s1.rae.normalize(z_raw)))   # norm2 = identity until set
