@@ -19,8 +19,9 @@ the real scripts exactly as a user would, two ranks each (torchrun --nproc_per_n
                path in the prior between two of them, without and with guidance;
   8. toy FID   fid.py's Inception-v3 with *seeded random weights* and BatchNorm statistics
                calibrated on the demo images, for samples (w = 0 and w > 0) and reconstructions
-               (evaluate.py --reconstruct) against the held-out images. A sanity signal for this toy run only: it is NOT
-               comparable to published FIDs, which use the trained TF Inception weights.
+               (evaluate.py --reconstruct) against the held-out images. A sanity signal for
+               this toy run only: it is NOT comparable to published FIDs, which use the
+               trained TF Inception weights.
 
     python demo.py --out runs/demo            # what `make demo` runs
 
