@@ -61,7 +61,7 @@ def main(args):
         if precision == "bf16":
             flow.cast_linears(torch.bfloat16)  # the same samples, no cast per token step
         classes = sample.parse_classes(args.classes, flow.num_classes)
-        plan = sample.class_plan(args.num_samples, flow.num_classes, classes, args.seed)
+        plan = sample.class_plan(args.num_samples, flow.num_classes, classes, seed=args.seed)
         sweep(flow, stage1, plan, settings, args, job)
     common.cleanup_ddp()
 
@@ -75,8 +75,8 @@ def reconstruct(stage1, args, job):
     for idx, x in batches:
         z_raw = stage1.encode_raw(x)
         if args.recon_noise > 0:
-            eps = sample.encoder_noise_of(args.seed, idx, z_raw.shape[1:], args.recon_noise,
-                                          False, common.STREAM_RECON)
+            eps = sample.encoder_noise_of(args.seed, idx, z_raw.shape[1:],
+                                          sigma=args.recon_noise, stream=(common.STREAM_RECON,))
             z_raw = z_raw + eps.to(x)
         # eq. 7, or the RAE's own round trip without the compressor
         if args.recon_rae:
@@ -94,19 +94,17 @@ def reconstruct(stage1, args, job):
         common.atomic_write(path, lambda f: np.savez(f, arr_0=pairs[:, k]))
     sample.save_columns(pairs[:sample.GRID_PAIRS], os.path.join(args.out, "grid.png"),
                         "originals / reconstructions")
-    print(f"wrote {n} image pairs; rFID: python fid.py {paths[0]} {paths[1]} "
-          f"--weights {INCEPTION}")
+    rfid = f"python fid.py {paths[0]} {paths[1]} --weights {INCEPTION}"
+    print(f"wrote {n} image pairs; rFID: {rfid}")
 
 
 def sweep(flow, stage1, plan, settings, args, job):
     """Sample every setting into --out/cfg-<w>[-deep][-score<g>]/ and score it against --ref
     with fid.py (on every rank, as fid.py asks); rank 0 writes sweep.json."""
     model = fid.load_inception(args.fid_weights).to(job.device)
-    kwargs = dict(batch_size=args.batch_size, device=job.device,
-                  progress=job.progress)
+    kwargs = dict(batch_size=args.batch_size, device=job.device, progress=job.progress)
     # a folder --ref gets ADM's centre crop to the samples' size
-    ref = fid.load_features(args.ref, model, image_size=stage1.image_size,
-                            **kwargs)
+    ref = fid.load_features(args.ref, model, image_size=stage1.image_size, **kwargs)
     table = []
     names = []
     for s in settings:
@@ -126,8 +124,7 @@ def sweep(flow, stage1, plan, settings, args, job):
     if job.rank == 0:
         k = int(np.argmin([r["fid"] for r in table]))
         print(f"best: {names[k]} (FID {table[k]['fid']:.3f})")
-        record = dict(ref=args.ref, num=args.num_samples, seed=args.seed,
-                      results=table)
+        record = dict(ref=args.ref, num=args.num_samples, seed=args.seed, results=table)
         common.save_json(record, os.path.join(args.out, "sweep.json"))
 
 
@@ -135,7 +132,7 @@ def sweep(flow, stage1, plan, settings, args, job):
 def check_args(args):
     """One-line errors for flags wrong before any model loads; the sweep's settings."""
     if (args.reconstruct is None) == (args.cfg_sweep is None):
-        raise UserError("evaluate.py: exactly one of --reconstruct DIR, --cfg-sweep W1,W2,...")
+        raise UserError("evaluate.py: exactly one of --reconstruct, --cfg-sweep")
     sample.check_positive(args, ("--num-samples", "--batch-size"))
     sample.floats(str(args.recon_noise), "--recon-noise")
     if args.out is None:
@@ -145,7 +142,7 @@ def check_args(args):
             raise UserError("--reconstruct needs --stage1 (or --ckpt)")
         return []
     settings = sample.guidance_settings(args.cfg_sweep, args.guide_blocks, args.score_step,
-                                        "--cfg-sweep")
+                                        w_flag="--cfg-sweep")
     for flag, path in (("--ref", args.ref), ("--fid-weights", args.fid_weights)):
         if not (path and os.path.exists(path)):
             raise UserError(f"--cfg-sweep needs an existing {flag}, got {path}")
@@ -162,16 +159,14 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sample.add_model_arguments(p)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp64"],
-                   help="None: fp32 for --reconstruct; for --cfg-sweep bf16 autocast on CUDA, "
-                        "else fp32")
+                   help="None: fp32; --cfg-sweep on CUDA: bf16 autocast")
     p.add_argument("--reconstruct", help="rFID inputs of these images")
     p.add_argument("--recon-rae", action="store_true", help="the RAE alone")
     p.add_argument("--recon-noise", type=float, default=0.0, help="noise std on E(x)")
     p.add_argument("--limit", type=int, default=0, help="first N images (0: all)")
     p.add_argument("--cfg-sweep", help="w list to sample and score")
     p.add_argument("--guide-blocks", default="all",
-                   help="all: every block; deep: the deep one only (STARFlow's guide_top); "
-                        "all,deep sweeps both")
+                   help="all, deep (STARFlow's guide_top) or both: all,deep")
     p.add_argument("--score-step", default="0", help="SimFlow's score step list (0: off)")
     p.add_argument("--ref", help="FID reference (.npz or folder)")
     p.add_argument("--fid-weights", help="fid.py's Inception weights")

@@ -92,8 +92,9 @@ def evaluate_nll(flow, record, stage1, args, job):
         clean = bits(stage1.compact(z_raw), y)
         noisy = 0
         for k in range(draws):
-            eps = sample.encoder_noise_of(args.seed, idx, z_raw.shape[1:], sigma,
-                                          mode == "per-example", common.STREAM_NLL, k)
+            eps = sample.encoder_noise_of(args.seed, idx, z_raw.shape[1:], sigma=sigma,
+                                          per_example=mode == "per-example",
+                                          stream=(common.STREAM_NLL, k))
             noisy = noisy + bits(stage1.compact(z_raw, eps.to(x)), y)
         noisy = noisy / draws
         rows.extend(zip(idx.tolist(), clean.tolist(), noisy.tolist()))
@@ -105,13 +106,11 @@ def evaluate_nll(flow, record, stage1, args, job):
     noisy_bpd, noisy_sem = mean_sem(noisy)
     clean_bpd, clean_sem = mean_sem(clean)
     kind = "null label" if uncond else "conditional"
-    print(f"NLL of {len(rows)} images in {args.nll} ({kind}), "
-          f"bits/dim (N*d={dims}):")
+    print(f"NLL of {len(rows)} images in {args.nll} ({kind}), bits/dim (N*d={dims}):")
     print(f"  noisy (eq. 8, {draws} draws): {noisy_bpd:.4f} +- {noisy_sem:.4f}")
     print(f"  clean (eq. 5): {clean_bpd:.4f} +- {clean_sem:.4f}")
     if args.nll_json:
-        per_image = [dict(path=data.samples[i][0], clean=c, noisy=v)
-                     for i, c, v in rows]
+        per_image = [dict(path=data.samples[i][0], clean=c, noisy=v) for i, c, v in rows]
         res = dict(folder=args.nll, num_images=len(rows), conditional=not uncond,
                    noise_std=sigma, noise_mode=mode, noise_draws=draws, dims=dims,
                    nll_bpd_noisy=noisy_bpd, nll_bpd_noisy_sem=noisy_sem,
@@ -156,8 +155,8 @@ def invert(flow, stage1, args, job):
     shape = (2, flow.num_tokens, flow.in_channels)
     latents = sample.gather_rows(latents, shape, n, job, args.out)
     errors = sample.gather_rows(errors, (), n, job, args.out)
-    tiles = sample.gather_rows(tiles, (3, size, size, 3), min(sample.GRID_PAIRS, n),
-                               job, args.out)
+    num_tiles = min(sample.GRID_PAIRS, n)
+    tiles = sample.gather_rows(tiles, (3, size, size, 3), num_tiles, job, args.out)
     if job.rank > 0:
         return
     paths = np.array([path for path, _ in data.samples[:n]])
@@ -265,8 +264,7 @@ def write_nll_table(rows, data, args):
     tiles = torch.stack([data[i][0] for i in shown]) / 255
     labels = [f"{rows[i][1]:.2f}" for i in shown]
     title = "most likely / least likely (clean bits/dim)"
-    common.save_grid(tiles, stem + ".png", nrow=k, labels=labels,
-                     title=title)
+    common.save_grid(tiles, stem + ".png", nrow=k, labels=labels, title=title)
 
 
 def mean_sem(values):
@@ -289,8 +287,7 @@ def read_file(path, size):
         raise UserError(f"{path}: unreadable image ({e})") from None
     found = f"{rgb.shape[1]}x{rgb.shape[0]}"
     if found != f"{size}x{size}":
-        raise UserError(f"{path}: {found} pixels, expected the "
-                        f"stage-1 size {size}x{size}")
+        raise UserError(f"{path}: {found} pixels, expected the stage-1 size {size}x{size}")
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
@@ -307,8 +304,7 @@ def endpoints(stage1, args, job):
     idx = [int(i) for i in args.interpolate if i.isdigit()]
     if len(idx) < 2 or max(idx) >= len(z_c):
         got = " ".join(args.interpolate)
-        raise UserError(f"--interpolate {got}: expected indices "
-                        f"0..{len(z_c) - 1} into --latents")
+        raise UserError(f"--interpolate {got}: expected indices 0..{len(z_c) - 1} into --latents")
     return torch.from_numpy(z_c[idx]).to(job.device, job.dtype), labels[idx]
 
 
@@ -331,7 +327,7 @@ def check_args(args):
     """One-line errors for flags wrong before any model loads; --interpolate's setting."""
     modes = [args.nll is not None, args.invert is not None, args.interpolate is not None]
     if sum(modes) != 1:
-        raise UserError("invert.py: exactly one of --nll DIR, --invert DIR, --interpolate A B")
+        raise UserError("invert.py: exactly one of --nll, --invert, --interpolate")
     sample.check_positive(args, ("--batch-size", "--nll-draws", "--steps"))
     setting = sample.guidance_setting(args)
     if args.ckpt is None:
@@ -339,8 +335,7 @@ def check_args(args):
     if args.out is None and args.nll is None:
         raise UserError("--out: needed except with --nll")
     if args.latents and not os.path.isfile(args.latents):
-        raise UserError(f"--latents {args.latents}: no such file "
-                        f"(--invert's latents.npz)")
+        raise UserError(f"--latents {args.latents}: no such file (--invert's latents.npz)")
     if args.precision not in ("fp32", "fp64"):
         raise UserError(f"--precision {args.precision}: fp32 or fp64 only "
                         f"(exact likelihoods and inverses)")
@@ -359,7 +354,8 @@ def build_parser():
     p.add_argument("--nll-draws", type=int, default=4, help="noise draws per image")
     p.add_argument("--nll-json", help="also write the NLL here")
     p.add_argument("--invert", help="u = f(z_c) of these images")
-    p.add_argument("--invert-tol", type=float, help="round-trip tolerance; None: 1e-3 in fp32, 1e-8 in fp64")
+    p.add_argument("--invert-tol", type=float,
+                   help="round-trip tolerance; None: 1e-3 in fp32, 1e-8 in fp64")
     p.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                    help="slerp between two images in the prior")
     p.add_argument("--latents", help="--invert's latents.npz")

@@ -86,7 +86,7 @@ def main(args):
 
     # The class plan: sample i gets the label plan[i] (no plan: an unconditional flow)
     classes = parse_classes(args.classes, flow.num_classes)
-    plan = class_plan(args.num_samples, flow.num_classes, classes, args.seed)
+    plan = class_plan(args.num_samples, flow.num_classes, classes, seed=args.seed)
     sample_images(flow, stage1, args.out, plan, setting, args, job)
     common.cleanup_ddp()
 
@@ -263,7 +263,7 @@ def folder_batches(folder, image_size, args, job):
     return data, n, batches()
 
 
-def encoder_noise_of(seed, indices, shape, sigma, per_example, *stream):
+def encoder_noise_of(seed, indices, shape, sigma, per_example=False, stream=()):
     """eps of eq. 8 for each global image index i, seeded by (seed, i, *stream): the NLL and the
     reconstructions do not depend on ranks or batch sizes."""
     noise = []
@@ -329,7 +329,7 @@ def guidance_settings(ws, blocks, gammas, w_flag):
 def guidance_setting(args):
     """The one setting of --cfg, --guide-blocks and --score-step (invert.py's too)."""
     settings = guidance_settings(str(args.cfg), args.guide_blocks, args.score_step,
-                                 "guidance scale --cfg")
+                                 w_flag="guidance scale --cfg")
     if len(settings) > 1:
         raise UserError("several --guide-blocks or --score-step need evaluate.py --cfg-sweep")
     return settings[0]
@@ -365,8 +365,7 @@ def add_model_arguments(p):
     p.add_argument("--out", help="output folder")
     p.add_argument("--no-ema", action="store_true", help="raw weights, not EMA")
     p.add_argument("--seed", type=int, default=0, help="image i's noise: (seed, i)")
-    p.add_argument("--batch-size", type=int,
-                   help="PER RANK; None: 256 on GPU, 32 on CPU")
+    p.add_argument("--batch-size", type=int, help="PER RANK; None: 256 on GPU, 32 on CPU")
     p.add_argument("--device", help="cpu or cuda; None: cuda if any")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
