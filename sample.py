@@ -142,7 +142,7 @@ def sample_images(flow, stage1, out, plan, setting, args, job):
         common.save_json(info, os.path.join(out, "info.json"))
         print(f"wrote {num} samples to {out}")
     if job.world > 1:
-        dist.barrier()
+        dist.barrier()  # the other ranks return once samples.npz exists
     return os.path.join(out, "samples.npz")
 
 
