@@ -12,15 +12,16 @@ the real scripts exactly as a user would, two ranks each (torchrun --nproc_per_n
                adversarial losses with the weight-free discriminator, no perceptual loss);
   4. stage 2   train_flow.py trains a tiny class-conditional TARFlow on z_c (eq. 8, 9);
   5. samples   sample.py draws a class-labelled grid without and with guidance (eq. 10);
-  6. NLL       sample.py --nll: exact held-out NLL of the compact features (eq. 2), per image
+  6. NLL       invert.py --nll: exact held-out NLL of the compact features (eq. 2), per image
                in nll.csv and the most / least likely images in nll.png;
-  7. inverse   sample.py --invert: one held-out image per class to its prior point u = f(z_c)
-               and back (the round-trip error is printed); sample.py --interpolate: a slerp
+  7. inverse   invert.py --invert: one held-out image per class to its prior point u = f(z_c)
+               and back (the round-trip error is printed); invert.py --interpolate: a slerp
                path in the prior between two of them, without and with guidance;
   8. toy FID   fid.py's Inception-v3 with *seeded random weights* and BatchNorm statistics
                calibrated on the demo images, for samples (w = 0 and w > 0) and reconstructions
-               against the held-out images. A sanity signal for this toy run only: it is NOT
-               comparable to published FIDs, which use the trained TF Inception weights.
+               (evaluate.py --reconstruct) against the held-out images. A sanity signal for
+               this toy run only: it is NOT comparable to published FIDs, which use the
+               trained TF Inception weights.
 
     python demo.py --out runs/demo            # what `make demo` runs
 
@@ -268,7 +269,7 @@ def main(args):
     # 6. exact held-out NLL
     t0 = time.time()
     nll_json = os.path.join(out, "nll.json")
-    torchrun("sample.py", ["--ckpt", flow, "--nll", heldout_dir, "--nll-json", nll_json, "--seed", SEED,
+    torchrun("invert.py", ["--ckpt", flow, "--nll", heldout_dir, "--nll-json", nll_json, "--seed", SEED,
                            "--batch-size", 30, "--no-progress"], os.path.join(out, "nll.log"))
     with open(nll_json) as f:
         nll = json.load(f)
@@ -281,13 +282,13 @@ def main(args):
         os.makedirs(os.path.join(showcase, class_folder(k)), exist_ok=True)
         shutil.copy(os.path.join(heldout_dir, class_folder(k), "00000.png"), os.path.join(showcase, class_folder(k)))
     inv_dir = os.path.join(out, "inversion")
-    torchrun("sample.py", ["--ckpt", flow, "--invert", showcase, "--out", inv_dir, "--batch-size", 30, "--no-progress"],
+    torchrun("invert.py", ["--ckpt", flow, "--invert", showcase, "--out", inv_dir, "--batch-size", 30, "--no-progress"],
              os.path.join(out, "invert.log"))
     latents = os.path.join(inv_dir, "latents.npz")
     with np.load(latents) as f:
         round_trip = float(f["error"].max())
     interp_dir = os.path.join(out, "interpolation")
-    torchrun("sample.py", ["--ckpt", flow, "--interpolate", *INTERPOLATE, "--latents", latents, "--label", "a",
+    torchrun("invert.py", ["--ckpt", flow, "--interpolate", *INTERPOLATE, "--latents", latents, "--label", "a",
                            "--cfg", GUIDANCE, "--steps", 8, "--out", interp_dir, "--no-progress"],
              os.path.join(out, "interpolate.log"), nproc=1)
     flow_pictures = {"inversion": os.path.join(inv_dir, "grid.png"),
@@ -300,8 +301,8 @@ def main(args):
     # 8. reconstructions (the rFID command) and toy FIDs against the held-out images
     t0 = time.time()
     rdir = os.path.join(out, "reconstructions")
-    torchrun("sample.py", ["--reconstruct", heldout_dir, "--stage1", stage1, "--out", rdir, "--batch-size", 30,
-                           "--no-progress"], os.path.join(out, "reconstruct.log"))
+    torchrun("evaluate.py", ["--reconstruct", heldout_dir, "--stage1", stage1, "--out", rdir, "--batch-size", 30,
+                             "--no-progress"], os.path.join(out, "reconstruct.log"))
     with np.load(os.path.join(rdir, "originals.npz")) as f:
         assert (f["arr_0"] == heldout_images).all()         # same folder order as make_dataset
     with np.load(os.path.join(rdir, "recon.npz")) as f:

@@ -1,6 +1,6 @@
 """sample.py: the sampling plan, eq. 10 end to end on a tiny trained pipeline, rank/batch
-independence, the npz/PNG/grid outputs, the exact NLL (eq. 2) and its CSV, inversion and interpolation in the
-prior, and one-line errors."""
+independence, the npz/PNG/grid outputs; invert.py: the exact NLL (eq. 2) and its CSV, inversion and interpolation
+in the prior; evaluate.py: rFID inputs and the guidance sweep; one-line errors of all three."""
 
 import csv
 import json
@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 import common
+import evaluate
+import invert
 import sample
 from src import Stage1, load_stage1
 from tarflow import load_flow
@@ -34,7 +36,7 @@ def test_class_plan_even_random_list():
     assert (r1 == r2).all() and r1.min() >= 0 and r1.max() < 5 and len(set(r1.tolist())) == 5
     assert not (sample.class_plan(200, 5, "random", seed=4) == r1).all()
     assert sample.class_plan(5, 10, [7, 2]).tolist() == [7, 2, 7, 2, 7]
-    assert sample.class_plan(3, 0, "even").tolist() == [-1, -1, -1]   # unconditional
+    assert sample.class_plan(3, 0, "even") is None                    # unconditional
 
 
 def test_parse_classes_refuses_bad_lists():
@@ -146,10 +148,11 @@ def pipeline(tmp_path_factory):
                 heldout=str(heldout))
 
 
-def cli(argv):
-    """sample.py in this process (one rank); returns its exit status (None when it returns)."""
+def cli(argv, script=sample):
+    """sample.py (or invert.py, evaluate.py) in this process (one rank); returns its exit status (None when it
+    returns)."""
     try:
-        common.run_cli(sample.main, sample.build_parser().parse_args([str(a) for a in argv]))
+        common.run_cli(script.main, script.build_parser().parse_args([str(a) for a in argv]))
     except SystemExit as e:
         return e.code
 
@@ -194,7 +197,7 @@ def test_nll_is_the_exact_flow_likelihood(pipeline):
     tmp, flow = pipeline["tmp"], pipeline["flow"]
     out = tmp / "nll.json"
     assert cli(["--ckpt", flow, "--nll", pipeline["heldout"], "--nll-json", out, "--nll-draws", 2,
-                "--batch-size", 2, "--no-progress"]) is None
+                "--batch-size", 2, "--no-progress"], invert) is None
     res = json.load(open(out))
     assert res["num_images"] == 6 and res["conditional"]
     # independent: the RAE's own encode (no noise), norm2, and the flow's forward pass (eq. 2)
@@ -220,7 +223,7 @@ def test_nll_is_the_exact_flow_likelihood(pipeline):
     assert math.isclose(res["nll_bpd_noisy"], noisy.mean(), rel_tol=1e-9)
     # the noisy estimate uses noise fixed per image (like the prior noise): other batches, same numbers
     assert cli(["--ckpt", flow, "--nll", pipeline["heldout"], "--nll-json", tmp / "nll1.json", "--nll-draws", 2,
-                "--batch-size", 4, "--no-progress"]) is None
+                "--batch-size", 4, "--no-progress"], invert) is None
     one = json.load(open(tmp / "nll1.json"))
     assert np.allclose([r["noisy"] for r in one["per_image"]], noisy, rtol=1e-5, atol=1e-5)
 
@@ -250,38 +253,41 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "one.png")
     (tmp_path / "junk.png").write_bytes(b"not an image")
-    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"]) is None
+    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"], invert) is None
     latents = tmp_path / "inv" / "latents.npz"
     inter = ["--ckpt", flow, "--out", tmp_path / "path", "--interpolate"]
     cases = [
-        (inter + [tmp_path / "missing.png", a], "missing.png"),
-        (inter + [a, tmp_path / "wide.png"], "wide.png: 40x32 pixels, expected the stage-1 size 32x32"),
-        (inter + [a, tmp_path / "junk.png"], "junk.png: unreadable image"),
-        (inter + [a, a, "--label", 3], "--label 3"),                          # the flow has classes 0, 1, 2
-        (inter + [a, a, "--label", "red"], "--label red"),
-        (inter + [a, a, "--label", "b"], "files have no label"),
-        (inter + [0, 9, "--latents", latents], "indices 0..5"),
-        (inter + [0, 1, "--latents", tmp_path / "nowhere.npz"], "--latents"),
-        (inter + [a, a, "--steps", 0], "--steps"),
-        (inter + [a, a, "--precision", "bf16"], "fp32 or fp64"),
-        (["--ckpt", flow, "--invert", tmp_path / "flat", "--out", tmp_path], "--uncond"),
-        (["--ckpt", flow, "--invert", held, "--out", tmp_path, "--invert-tol", 1e-12], "c0/0.png"),
-        (["--ckpt", tmp_path / "missing.pt", "--out", tmp_path], "missing.pt"),
-        (["--ckpt", flow, "--out", tmp_path, "--classes", "0,7"], "--classes"),
-        (["--ckpt", flow, "--out", tmp_path, "--classes", "red"], "--classes"),
-        (["--ckpt", flow, "--out", tmp_path, "--cfg", -1], "guidance"),
-        (["--ckpt", flow, "--out", tmp_path, "--guide-blocks", "top"], "--guide-blocks"),
-        (["--ckpt", flow, "--out", tmp_path, "--score-step", "0,1"], "--cfg-sweep"),
-        (["--reconstruct", pipeline["heldout"], "--out", tmp_path], "--stage1"),
-        (["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path], "nowhere"),
-        (["--ckpt", flow, "--nll", tmp_path / "nowhere"], "nowhere"),
-        (["--ckpt", flow, "--stage1", tmp_path / "gone.pt", "--out", tmp_path], "gone.pt"),
-        (["--stage1", tmp_path / "gone1.pt", "--reconstruct", pipeline["heldout"], "--out", tmp_path], "gone1.pt"),
-        (["--ckpt", pipeline["stage1"], "--out", tmp_path], "checkpoint"),
+        (invert, inter + [tmp_path / "missing.png", a], "missing.png"),
+        (invert, inter + [a, tmp_path / "wide.png"], "wide.png: 40x32 pixels, expected the stage-1 size 32x32"),
+        (invert, inter + [a, tmp_path / "junk.png"], "junk.png: unreadable image"),
+        (invert, inter + [a, a, "--label", 3], "--label 3"),                  # the flow has classes 0, 1, 2
+        (invert, inter + [a, a, "--label", "red"], "--label red"),
+        (invert, inter + [a, a, "--label", "b"], "files have no label"),
+        (invert, inter + [0, 9, "--latents", latents], "indices 0..5"),
+        (invert, inter + [0, 1, "--latents", tmp_path / "nowhere.npz"], "--latents"),
+        (invert, inter + [a, a, "--steps", 0], "--steps"),
+        (invert, inter + [a, a, "--precision", "bf16"], "fp32 or fp64"),
+        (invert, ["--ckpt", flow, "--invert", tmp_path / "flat", "--out", tmp_path], "--uncond"),
+        (invert, ["--ckpt", flow, "--invert", held, "--out", tmp_path, "--invert-tol", 1e-12], "c0/0.png"),
+        (sample, ["--ckpt", tmp_path / "missing.pt", "--out", tmp_path], "missing.pt"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--classes", "0,7"], "--classes"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--classes", "red"], "--classes"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--cfg", -1], "guidance"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--guide-blocks", "top"], "--guide-blocks"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--score-step", "0,1"], "--cfg-sweep"),
+        (evaluate, ["--reconstruct", pipeline["heldout"], "--out", tmp_path], "--stage1"),
+        (evaluate, ["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path],
+         "nowhere"),
+        (invert, ["--ckpt", flow, "--nll", tmp_path / "nowhere"], "nowhere"),
+        (sample, ["--ckpt", flow, "--stage1", tmp_path / "gone.pt", "--out", tmp_path], "gone.pt"),
+        (evaluate, ["--stage1", tmp_path / "gone1.pt", "--reconstruct", pipeline["heldout"], "--out", tmp_path],
+         "gone1.pt"),
+        (sample, ["--ckpt", pipeline["stage1"], "--out", tmp_path], "checkpoint"),
     ]
-    for argv, needle in cases:
+    for script, argv, needle in cases:
         capsys.readouterr()
-        assert cli(argv + ["--num-samples", 2, "--no-progress"]) == 2, argv
+        size = [] if script is invert else ["--num-samples", 2]            # invert.py samples nothing
+        assert cli(argv + size + ["--no-progress"], script) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and needle in err, (argv, err)
         assert "named by None" not in err, (argv, err)  # a flag the user did not give is not blamed
@@ -310,7 +316,7 @@ def test_guidance_sweep_reports_metrics_per_setting(pipeline, monkeypatch):
     weights.write_bytes(b"unused")
     assert cli(["--ckpt", flow, "--out", tmp / "sweep", "--num-samples", 5, "--cfg-sweep", "0,2", "--guide-blocks",
                 "all,deep", "--ref", pipeline["heldout"], "--fid-weights", weights, "--no-progress",
-                "--no-png"]) is None
+                "--no-png"], evaluate) is None
     res = json.load(open(tmp / "sweep" / "sweep.json"))["results"]
     assert [(r["guidance"], r["guide_blocks"]) for r in res] == [(0, "all"), (0, "deep"), (2, "all"), (2, "deep")]
     # independent: ADM preprocessing of the held-out PNGs and of each samples.npz through the same network
@@ -338,7 +344,7 @@ def test_guidance_sweep_under_torchrun_equals_one_process(pipeline, tmp_path):
     import fid
     weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(fid.InceptionV3().state_dict(), weights)
-    args = ["sample.py", "--ckpt", pipeline["flow"], "--num-samples", 4, "--batch-size", 2, "--cfg-sweep", "1,2",
+    args = ["evaluate.py", "--ckpt", pipeline["flow"], "--num-samples", 4, "--batch-size", 2, "--cfg-sweep", "1,2",
             "--ref", pipeline["heldout"], "--fid-weights", weights, "--no-png", "--no-progress", "--device", "cpu"]
     run(args + ["--out", tmp_path / "one"])
     run(args + ["--out", tmp_path / "two"], nproc=2)
@@ -386,10 +392,10 @@ def test_reconstructions_for_rfid(pipeline):
     """--reconstruct writes the ADM-cropped originals and D(denorm(C_dec(C_enc(norm(E(x) + eps))))) as npz."""
     tmp, held = pipeline["tmp"], pipeline["heldout"]
     base = ["--reconstruct", held, "--stage1", pipeline["stage1"], "--no-progress"]
-    assert cli(base + ["--out", tmp / "rec", "--batch-size", 4]) is None
-    assert cli(base + ["--out", tmp / "rae", "--recon-rae"]) is None
-    assert cli(base + ["--out", tmp / "noisy4", "--recon-noise", 0.5, "--batch-size", 4]) is None
-    assert cli(base + ["--out", tmp / "noisy2", "--recon-noise", 0.5, "--batch-size", 2]) is None
+    assert cli(base + ["--out", tmp / "rec", "--batch-size", 4], evaluate) is None
+    assert cli(base + ["--out", tmp / "rae", "--recon-rae"], evaluate) is None
+    assert cli(base + ["--out", tmp / "noisy4", "--recon-noise", 0.5, "--batch-size", 4], evaluate) is None
+    assert cli(base + ["--out", tmp / "noisy2", "--recon-noise", 0.5, "--batch-size", 2], evaluate) is None
     paths = sorted((tmp / "heldout").rglob("*.png"))
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths])
     orig = np.load(tmp / "rec" / "originals.npz")["arr_0"]
@@ -479,7 +485,7 @@ def test_slerp_keeps_norms_on_the_great_circle():
     a, b = torch.randn(2, 256, 32, generator=g, dtype=torch.float64)
     t = torch.linspace(0, 1, 9, dtype=torch.float64)
     b_equal = b / b.norm() * a.norm()
-    path = sample.slerp(a, b_equal, t)
+    path = invert.slerp(a, b_equal, t)
     assert path.shape == (9, 256, 32)
     assert torch.allclose(path[0], a, rtol=0, atol=1e-12) and torch.allclose(path[-1], b_equal, rtol=0, atol=1e-12)
     norms = path.flatten(1).norm(dim=1)
@@ -491,13 +497,13 @@ def test_slerp_keeps_norms_on_the_great_circle():
     e2 = e2 / e2.norm()
     theta = torch.arccos((b.flatten() @ e1) / b.norm())
     ref = torch.cos(t[:, None] * theta) * e1 + torch.sin(t[:, None] * theta) * e2
-    got = sample.slerp(a, b, t).flatten(1)
+    got = invert.slerp(a, b, t).flatten(1)
     assert torch.allclose(got / got.norm(dim=1, keepdim=True), ref, atol=1e-12)
     # unequal norms: the norm goes linearly from |a| to |b|
     assert torch.allclose(got.norm(dim=1), (1 - t) * a.norm() + t * b.norm(), rtol=1e-12)
     # parallel and nearly parallel points: finite, on the ray, norms linear
     for other in (3 * a, 3 * a + 1e-12 * b):
-        near = sample.slerp(a, other, t).flatten(1)
+        near = invert.slerp(a, other, t).flatten(1)
         assert torch.isfinite(near).all()
         assert torch.allclose(near, ((1 - t) + 3 * t)[:, None] * a.flatten(), rtol=1e-9, atol=1e-9)
 
@@ -522,13 +528,13 @@ def test_inversion_round_trip_is_exact(pipeline, tmp_path):
     paths = sorted(str(p) for p in (pipeline["tmp"] / "heldout").rglob("*.png"))
     x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in paths])
     x = x.permute(0, 3, 1, 2).double() / 255
-    assert sample.ROUND_TRIP_TOL == {torch.float32: 1e-3, torch.float64: 1e-8}
+    assert invert.ROUND_TRIP_TOL == {torch.float32: 1e-3, torch.float64: 1e-8}
     for seed in (0, 1):
         flow = random_flow(pipeline, tmp_path / f"random{seed}.pt", seed)
         for precision, tol in (("fp64", 1e-8), ("fp32", 1e-3)):
             out = tmp_path / f"{precision}-{seed}"
             assert cli(["--ckpt", flow, "--invert", held, "--out", out, "--precision", precision,
-                        "--batch-size", 4, "--no-progress"]) is None
+                        "--batch-size", 4, "--no-progress"], invert) is None
             res = np.load(out / "latents.npz")
             assert res["paths"].tolist() == paths and res["labels"].tolist() == [0, 0, 1, 1, 2, 2]
             assert res["error"].shape == (6,) and res["error"].max() <= tol / 100, (precision, res["error"])
@@ -548,7 +554,7 @@ def test_inversion_round_trip_is_exact(pipeline, tmp_path):
 
 
 def test_inversion_under_torchrun_equals_one_process(pipeline, tmp_path):
-    args = ["sample.py", "--ckpt", pipeline["flow"], "--invert", pipeline["heldout"], "--no-progress",
+    args = ["invert.py", "--ckpt", pipeline["flow"], "--invert", pipeline["heldout"], "--no-progress",
             "--device", "cpu"]
     run(args + ["--out", tmp_path / "one", "--batch-size", 4])
     res = run(args + ["--out", tmp_path / "two", "--batch-size", 2], nproc=2)
@@ -568,7 +574,7 @@ def test_interpolation_ends_are_the_images_own_decodings(pipeline, tmp_path):
     flow, held = pipeline["flow"], pipeline["tmp"] / "heldout"
     a, b = held / "c0" / "0.png", held / "c2" / "1.png"
     assert cli(["--ckpt", flow, "--interpolate", a, b, "--out", tmp_path / "files", "--label", 1, "--cfg", 2,
-                "--steps", 5, "--no-progress"]) is None
+                "--steps", 5, "--no-progress"], invert) is None
     res = np.load(tmp_path / "files" / "interpolation.npz")
     assert res["images"].shape == (2, 5, 32, 32, 3) and res["guidance"].tolist() == [0, 2]
     assert np.allclose(res["t"], np.linspace(0, 1, 5))
@@ -580,7 +586,7 @@ def test_interpolation_ends_are_the_images_own_decodings(pipeline, tmp_path):
         z_c = s1.encode(x.permute(0, 3, 1, 2).float() / 255)
         own = sample.to_uint8(s1.decode(z_c))
         u, _ = f(z_c, y)
-        mid = sample.slerp(u[0], u[1], torch.tensor([0.5]))
+        mid = invert.slerp(u[0], u[1], torch.tensor([0.5]))
         mid_image = sample.to_uint8(s1.decode(f.reverse(mid, y[:1])))
     row = res["images"][0].astype(int)
     assert np.abs(row[[0, -1]] - own.astype(int)).max() <= 1
@@ -589,11 +595,11 @@ def test_interpolation_ends_are_the_images_own_decodings(pipeline, tmp_path):
     assert Image.open(tmp_path / "files" / "interpolation.png").size == (5 * 66 + 2, 16 + 2 * 66 + 2)
 
     # indices into an --invert result, under A's label (class 0) and under the null label
-    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"]) is None
+    assert cli(["--ckpt", flow, "--invert", held, "--out", tmp_path / "inv", "--no-progress"], invert) is None
     for label in ("a", "null"):
         out = tmp_path / f"index-{label}"
         assert cli(["--ckpt", flow, "--interpolate", 0, 5, "--latents", tmp_path / "inv" / "latents.npz",
-                    "--label", label, "--out", out, "--no-progress"]) is None
+                    "--label", label, "--out", out, "--no-progress"], invert) is None
         images = np.load(out / "interpolation.npz")["images"]
         assert images.shape == (1, 8, 32, 32, 3)                          # no guidance asked: one row
         assert np.abs(images[0, [0, -1]].astype(int) - own.astype(int)).max() <= 1
