@@ -495,7 +495,7 @@ def build_parser():
     p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
     p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="the GLOBAL batch (all ranks)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr of C, D and the disc.")
     p.add_argument("--min-lr", type=float, default=2e-5, help="lr at the cosine's end")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs")
