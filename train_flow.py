@@ -20,10 +20,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -42,16 +45,25 @@ GRID_SAMPLES = 8
 # ---- The flow, its sharding and a step's randomness
 def build_flow(args, stage1, num_classes, device):
     """The flow for z_c (B, N, d) of this stage 1, its EMA copy and AdamW (the paper's betas)."""
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    flow = TARFlow(in_channels=stage1.C.d, num_tokens=stage1.rae.decoder.num_patches,
-                   num_classes=num_classes, **SIZES[args.model]).to(device)
+    # identical initial weights on every rank
+    torch.manual_seed(args.seed)
+    flow = TARFlow(
+        in_channels=stage1.C.d,
+        num_tokens=stage1.rae.decoder.num_patches,
+        num_classes=num_classes,
+        **SIZES[args.model],
+    ).to(device)
     ema = copy.deepcopy(flow).requires_grad_(False).eval()
     if args.fsdp:
         shard(flow, device, precision=common.precision_of(args.precision, device))
         shard(ema, device, precision="fp32")
-    fused = device.type == "cuda" and not args.fsdp
-    opt = torch.optim.AdamW(flow.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=fused)
+    opt = torch.optim.AdamW(
+        flow.parameters(),
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        fused=device.type == "cuda" and not args.fsdp,
+    )
     return flow, ema, opt
 
 
@@ -63,11 +75,29 @@ def shard(flow, device, precision):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(cast_forward_inputs=False)
     if precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                      cast_forward_inputs=False)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16,
+            reduce_dtype=torch.float32,
+            cast_forward_inputs=False,
+        )
     for block in flow.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(flow, mesh=mesh, mp_policy=policy)
+
+
+def wrap_ddp(model, world, device):
+    """DDP for more than one process: gradients averaged in 100 MB buckets that are the
+    parameters' .grad (no copies); the flow's buffers are constant, not broadcast."""
+    if world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(
+        model,
+        device_ids=ids,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+        bucket_cap_mb=100,
+    )
 
 
 def step_randomness(args, step, raw_shape, rank, world, device):
@@ -128,9 +158,7 @@ def main(args):
 
     # Create the flow, its EMA and the optimiser; resume, then free what was read
     flow, ema, opt = build_flow(args, stage1, num_classes, device)
-    step = 0
-    if resume is not None:
-        step = restore(resume, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
+    step = restore(resume, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
     resumed = resume is not None
     # the checkpoint's mapping is released once nothing refers to it
     del resume
@@ -140,11 +168,9 @@ def main(args):
     if not master:
         stage1.rae.decoder.to("meta")
     model = torch.compile(flow) if args.compile else flow
-    # DDP: gradients averaged in 100 MB buckets, no copies
-    if world > 1 and not args.fsdp:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DDP(model, device_ids=ids, gradient_as_bucket_view=True,
-                    broadcast_buffers=False, bucket_cap_mb=100)
+    # DDP averages the gradients (--fsdp shards the flow instead)
+    if not args.fsdp:
+        model = wrap_ddp(model, world, device)
     if master:
         os.makedirs(args.out, exist_ok=True)
         millions = sum(p.numel() for p in flow.parameters()) / 1e6
@@ -208,15 +234,22 @@ def main(args):
             ckpt_due = at_epoch_end or step >= stop or extra
             if step % args.log_every == 0 or ckpt_due:
                 if not log.write(step, epoch=epoch, lr=lr):
-                    common.cleanup_ddp()  # the loss became non-finite on some rank
+                    # the loss became non-finite on some rank
+                    common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if grid_due and (master or args.fsdp):
                 path = None
                 if master:
                     path = os.path.join(args.out, "samples", f"{step:07d}.png")
-                sample_grid(ema, stage1, guidance=args.sample_cfg, seed=args.seed,
-                            precision=precision, path=path)
+                sample_grid(
+                    ema,
+                    stage1,
+                    guidance=args.sample_cfg,
+                    seed=args.seed,
+                    precision=precision,
+                    path=path,
+                )
             if ckpt_due:
                 # a collective under --fsdp: every rank gathers, rank 0 writes
                 states = gather_states(flow, ema=ema, opt=opt, fsdp=args.fsdp)
@@ -257,7 +290,8 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
         z_c = flow.reverse(u, labels, guidance=guidance)
     for m in sharded:
         m.reshard()
-    if path is None:  # not rank 0
+    # not rank 0
+    if path is None:
         return
     with common.autocast(device, precision):
         images = stage1.decode(z_c).float()
@@ -286,7 +320,8 @@ def checkpoint_record(args, step, flow, states, num_classes, image_size, precisi
         args=vars(args),
         step=step,
         epoch=step // steps_per_epoch,
-        flow_kind=TARFlow.__name__,  # the class built (FSDP wraps it in another)
+        # the class built (FSDP wraps it in another)
+        flow_kind=TARFlow.__name__,
         flow_config=flow.config(),
         flow=states[0],
         flow_ema=states[1],
@@ -304,7 +339,10 @@ def checkpoint_record(args, step, flow, states, num_classes, image_size, precisi
 
 
 def restore(resume, flow, ema, opt, fsdp):
-    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step."""
+    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step. A
+    fresh run (resume None) starts at step 0."""
+    if resume is None:
+        return 0
     if fsdp:
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(flow, resume["flow"], options=options)

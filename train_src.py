@@ -23,6 +23,7 @@ above the EMA's reconstructions).
 
 import argparse
 import copy
+import functools
 import os
 import sys
 
@@ -38,7 +39,8 @@ from src import COMPRESSORS, Stage1
 RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor",
                "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
-GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
+# training images shown above their EMA reconstructions in recon/*.png
+GRID_IMAGES = 8
 # RAE's stage-1 EMA (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's 0.9999 is the paper's
 EMA_DECAY = 0.9978
 # DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
@@ -77,9 +79,9 @@ def build_compressor(args, n):
 
 
 def create_models(args, device):
-    """E and D in the RAE of eq. 1 (frozen; see main for --train-decoder) and C (eq. 4), with the
-    same initial weights on every rank. Returns (rae, C, trains, prints): whether anything
-    trains (pca and identity have no parameters: without --train-decoder nothing does) and the
+    """E and D (frozen unless --train-decoder) in the RAE of eq. 1, and C (eq. 4), with the same
+    initial weights on every rank. Returns (rae, C, trains, prints): whether anything trains
+    (pca and identity have no parameters: without --train-decoder nothing does) and the
     fingerprints of E's and a released D's weights as read (stage 2 refuses other weights of
     these shapes)."""
     torch.manual_seed(args.seed)
@@ -87,6 +89,7 @@ def create_models(args, device):
     decoder = build_decoder(args, encoder)
     C = build_compressor(args, encoder.embed_dim).to(device)
     rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
+    decoder.requires_grad_(args.train_decoder)
     trains = args.train_decoder or len(list(C.parameters())) > 0
     encoder_print = fingerprint(encoder)
     decoder_print = None if args.train_decoder else fingerprint(decoder)
@@ -146,6 +149,19 @@ def wrap_ddp(module, world, device):
     return DDP(module, device_ids=ids, forward_sync_buffers=False)
 
 
+def gan_steps(args, steps_per_epoch, stop, disc):
+    """The step the GAN loss starts training C from (--disc-start) and the step the
+    discriminator starts training from (--disc-upd-start): both flags count epochs, so the steps
+    are said once (with a discriminator)."""
+    gan_from_step = args.disc_start * steps_per_epoch
+    disc_from_step = args.disc_upd_start * steps_per_epoch
+    if disc is not None:
+        late = " (not in this run)" if gan_from_step >= stop else ""
+        print0(f"GAN: the discriminator trains from step {disc_from_step}, its loss trains C "
+               f"from step {gan_from_step}{late}")
+    return gan_from_step, disc_from_step
+
+
 def step_randomness(args, step, raw_shape, rank, world, device):
     """A step's flips, eq. 7's eps and three DiffAug draws (the generator's, the fake and the real
     images'), drawn for the global batch from (seed, step): the same on every rank."""
@@ -199,7 +215,8 @@ def set_statistics(args, rae, C, resume, batches, device):
     """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
     the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
     if resume is not None:
-        stats = resume["rae_stats"]  # copied: nothing keeps the checkpoint's mapping alive
+        # copied: nothing keeps the checkpoint's mapping alive
+        stats = resume["rae_stats"]
         rae.set_stats(stats["mean"].clone(), stats["var"].clone())
     elif args.rae_stats:
         rae.load_stats(args.rae_stats)
@@ -226,21 +243,23 @@ def main(args):
     check_args(args)
     rank, world, device = common.setup_ddp(args.device, args.dist_timeout)
     master = rank == 0
-    precision = common.precision_of(args.precision, device)  # bf16 on GPUs, as stage 2
+    # bf16 on GPUs by default, as stage 2
+    precision = common.precision_of(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = common.resume_checkpoint(args, ckpt_path, "src", RESUME_KEPT)
 
     # Setup data
-    dataset = common.training_set(args, args.image_size, rank, world, crop=args.crop, seed=args.seed)
+    dataset = common.training_set(args, args.image_size, rank, world, crop=args.crop,
+                                  seed=args.seed)
     sampler = common.EpochSampler(len(dataset), args.batch_size, rank, world, args.seed)
     loader = common.make_loader(dataset, sampler, args.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
 
-    def batches():  # the first --stats-images training images, for the statistics
-        return image_batches(dataset, args, rank, world, device)
+    # batches(): the first --stats-images training images, for the statistics
+    batches = functools.partial(image_batches, dataset, args, rank, world, device)
 
     # Create E, D (frozen unless --train-decoder), C and the loss networks: every file read now
     rae, C, trains, prints = create_models(args, device)
@@ -251,7 +270,6 @@ def main(args):
     C_ema, D_ema, stage1_ema = ema_copies(args, rae, C, rae_stats, device)
 
     # The trained path (its forward is eq. 7), the optimisers; resume
-    rae.decoder.requires_grad_(args.train_decoder)
     model = Stage1(rae, C).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(trainable, args, device)
@@ -259,38 +277,38 @@ def main(args):
     disc_net = wrap_ddp(disc, world, device)
     # the GAN loss's adaptive weight compares the gradients at the last layer trained
     last_layer = rae.decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
-    step, norm2 = resume_from(resume, C=C, C_ema=C_ema, decoder=rae.decoder, D_ema=D_ema,
-                              opt=opt, disc=disc, disc_opt=disc_opt)
+    step, norm2 = resume_from(
+        resume, C=C, C_ema=C_ema, decoder=rae.decoder, D_ema=D_ema, opt=opt, disc=disc,
+        disc_opt=disc_opt)
     resumed = resume is not None
-    # the checkpoint's mapping is released once nothing refers to it
-    del resume
+    del resume  # the checkpoint's mapping is released once nothing refers to it
 
-    def record():  # what checkpoint.pt holds now (built on rank 0 only)
-        return checkpoint_record(args, step=step, world=world, steps_per_epoch=steps_per_epoch,
-                                 num_classes=len(dataset.classes), rae=rae, C=C, C_ema=C_ema,
-                                 D_ema=D_ema, opt=opt, disc=disc, disc_opt=disc_opt,
-                                 rae_stats=rae_stats, norm2=norm2, prints=prints)
+    # what checkpoint.pt holds now (built on rank 0 only)
+    def record():
+        return checkpoint_record(
+            args, step=step, world=world, steps_per_epoch=steps_per_epoch,
+            num_classes=len(dataset.classes), rae=rae, C=C, C_ema=C_ema, D_ema=D_ema, opt=opt,
+            disc=disc, disc_opt=disc_opt, rae_stats=rae_stats, norm2=norm2, prints=prints)
 
     os.makedirs(args.out, exist_ok=True)
-    print_run(args, C=C, trainable=trainable, images=len(dataset),
-              steps_per_epoch=steps_per_epoch, world=world, device=device, precision=precision)
+    print_run(args, C=C, trainable=trainable, images=len(dataset), steps_per_epoch=steps_per_epoch,
+              world=world, device=device, precision=precision)
 
     # Train: eq. 7 with per-example noise, RAE's objective (DDP averages the gradients)
     net = wrap_ddp(model, world, device) if trains else model
     stop = min(args.max_steps or total_steps, total_steps) if trains else step
-    if stop > step:  # C trains on: a resumed run's norm2 is stale, measured again at the end
+    # C trains on: a resumed run's norm2 is stale, measured again at the end
+    if stop > step:
         norm2 = None
     raw_shape = (rae.decoder.num_patches, rae.encoder.embed_dim)  # (N, n) of E(x)
-    # The GAN loss trains C from gan_from_step, the discriminator from disc_from_step (epochs)
-    gan_from_step = args.disc_start * steps_per_epoch
-    disc_from_step = args.disc_upd_start * steps_per_epoch
-    if disc is not None:
-        print_gan_plan(disc_from_step, gan_from_step, stop)
+    gan_from_step, disc_from_step = gan_steps(args, steps_per_epoch, stop, disc)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    log = common.TrainLog(LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
-                          batch_size=args.batch_size, device=device, master=master,
-                          resumed=resumed, show=("loss", "l1", "lr"))
-    fixed = next(batches())[:GRID_IMAGES]  # shown above their reconstructions in the grids
+    log = common.TrainLog(
+        LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
+        batch_size=args.batch_size, device=device, master=master, resumed=resumed,
+        show=("loss", "l1", "lr"))
+    # the first training images, shown above their reconstructions in the grids
+    fixed = next(batches())[:GRID_IMAGES]
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= stop:
             break
@@ -349,7 +367,8 @@ def main(args):
             ckpt_due = step < stop and (step % steps_per_epoch == 0 or extra)
             if step % args.log_every == 0 or ckpt_due or step >= stop:
                 if not log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc):
-                    common.cleanup_ddp()  # the loss became non-finite on some rank
+                    # the loss became non-finite on some rank
+                    common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if master and grid_due:
@@ -424,7 +443,8 @@ def resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt):
     if resume is None:
         return 0, None
     comp = resume["compressor"]
-    dec = resume["decoder"]  # its states are None unless D was trained
+    # D's states are None unless it was trained
+    dec = resume["decoder"]
     pairs = [(C, comp["state"]),
              (C_ema, comp["state_ema"]),
              (decoder, dec["state"]),
@@ -435,7 +455,8 @@ def resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt):
     for target, state in pairs:
         if target is not None and state is not None:
             target.load_state_dict(state)
-    norm2 = resume["norm2"]  # copied: nothing keeps the checkpoint's mapping alive
+    # copied: nothing keeps the checkpoint's mapping alive
+    norm2 = resume["norm2"]
     if norm2 is not None:
         norm2 = dict(mean=norm2["mean"].clone(), var=norm2["var"].clone(), eps=norm2["eps"])
     common.restore_rng(resume["rng"])
@@ -459,11 +480,6 @@ def print_run(args, C, trainable, images, steps_per_epoch, world, device, precis
            f"{args.batch_size} on {world} ranks, {device}, {precision}")
 
 
-def print_gan_plan(disc_from_step, gan_from_step, stop):
-    """--disc-start and --disc-upd-start count epochs: say in steps when the GAN starts."""
-    late = " (not in this run)" if gan_from_step >= stop else ""
-    print0(f"GAN: the discriminator trains from step {disc_from_step}, its loss trains C from "
-           f"step {gan_from_step}{late}")
 
 
 def print0(text):
@@ -533,7 +549,8 @@ def check_args(args):
     if args.train_decoder == (args.decoder is not None):
         raise UserError("give one of --decoder PATH and --train-decoder")
     if args.compressor in ("pca", "identity") and not args.train_decoder:
-        return args  # nothing to train: the loss weights are not needed
+        # nothing to train: the loss weights are not needed
+        return args
     if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
         raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
                         f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}), or 0")
