@@ -301,7 +301,7 @@ def main(args):
     if stop > step:
         norm2 = None
     raw_shape = (rae.decoder.num_patches, rae.encoder.embed_dim)  # (N, n) of E(x)
-    gan_from_step, disc_from_step = gan_steps(args, steps_per_epoch, stop, disc)
+    gan_from_step, disc_from_step = gan_steps(args, steps_per_epoch, stop=stop, disc=disc)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
     log = common.TrainLog(
         LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
@@ -381,7 +381,7 @@ def main(args):
 
     # norm2 of eq. 5 (clean tokens, EMA C, no flips), measured whenever the run stops
     if norm2 is None:
-        norm2 = measure_norm2(stage1_ema, batches(), device, precision)
+        norm2 = measure_norm2(stage1_ema, batches(), device, precision=precision)
         log.save(step, record)
     what = f"step {step}" if trains else "nothing to train: wrote the statistics"
     print0(f"done, {what}; {ckpt_path} feeds stage 2: python train_flow.py --data "
