@@ -233,32 +233,34 @@ class PatchDiscriminator(nn.Module):
 
 
 # ---- RAE's DiffAug: a translation with zero fill (at most TRANSLATION of the side), then
-# brightness, saturation and contrast jitter, from per-example uniforms u (B, 5) the caller draws.
+# brightness, saturation and contrast jitter, from per-example uniform draws (B, 5) the caller
+# makes (train_src.step_randomness: the same on every rank).
 TRANSLATION = 1 / 8
 
 
-def shifted_index(n, u):
-    """Read indices (B, n) shifted by a t in [-d, d] drawn from u (B,),
-    clamped into [0, n), and whether each was inside."""
+def shifted_index(n, draws):
+    """Read indices (B, n) shifted by a t in [-d, d] drawn from the uniforms
+    `draws` (B,), clamped into [0, n), and whether each was inside."""
     d = round(n * TRANSLATION)
-    t = (u * (2 * d + 1)).floor().long() - d
-    i = torch.arange(n, device=u.device)[None] + t[:, None]
+    t = (draws * (2 * d + 1)).floor().long() - d
+    i = torch.arange(n, device=draws.device)[None] + t[:, None]
     return i.clamp(0, n - 1), (i >= 0) & (i < n)
 
 
-def diff_augment(x, u):
-    """Images x (B, C, H, W) augmented with the uniforms u (B, 5): u[:, 0:2]
-    shift, then u[:, 2] brightness, u[:, 3] saturation, u[:, 4] contrast."""
+def diff_augment(x, draws):
+    """Images x (B, C, H, W) augmented with the uniforms `draws` (B, 5):
+    draws[:, 0:2] shift, then draws[:, 2] brightness, draws[:, 3]
+    saturation, draws[:, 4] contrast."""
     B, _, H, W = x.shape
-    assert u.shape == (B, 5), u.shape
+    assert draws.shape == (B, 5), draws.shape
     # output pixel (i, j) reads input pixel (i + th, j + tw), zero outside
-    ih, inside_h = shifted_index(H, u[:, 0])
-    iw, inside_w = shifted_index(W, u[:, 1])
+    ih, inside_h = shifted_index(H, draws[:, 0])
+    iw, inside_w = shifted_index(W, draws[:, 1])
     inside = inside_h[:, :, None] & inside_w[:, None, :]
     b = torch.arange(B, device=x.device)[:, None, None]
     x = x.permute(0, 2, 3, 1)[b, ih[:, :, None], iw[:, None, :]]
     x = (x * inside[..., None]).permute(0, 3, 1, 2)
-    s = u[:, :, None, None, None]
+    s = draws[:, :, None, None, None]
     x = x + (s[:, 2] - 0.5)
     m = x.mean(1, keepdim=True)
     x = (x - m) * (2 * s[:, 3]) + m
@@ -283,10 +285,10 @@ def adaptive_weight(recon_loss, gan_loss, last_layer, average=lambda g: g, max_w
 
 
 def generator_loss(recon, x, lpips, perceptual_weight, disc=None, disc_weight=0.0,
-                   aug_u=None, last_layer=None, average=lambda g: g):
+                   aug_draws=None, last_layer=None, average=lambda g: g):
     """Eq. 7 on x^ = recon and x in [0, 1]: L1 + w_p * LPIPS, plus
-    w_d * lambda * (-D(DiffAug(x^, aug_u))) when `disc` is given (lambda:
-    adaptive_weight at last_layer). Returns (total, detached parts)."""
+    w_d * lambda * (-D(DiffAug(x^, aug_draws))) when `disc` is given
+    (lambda: adaptive_weight at last_layer). Returns (total, detached parts)."""
     l1 = (recon - x).abs().mean()
     lp = l1.new_zeros(())
     if perceptual_weight > 0:
@@ -294,7 +296,7 @@ def generator_loss(recon, x, lpips, perceptual_weight, disc=None, disc_weight=0.
     total = l1 + perceptual_weight * lp
     parts = dict(l1=l1.detach(), lpips=lp.detach())
     if disc is not None:
-        gan = -disc(diff_augment(recon * 2 - 1, aug_u)).mean()
+        gan = -disc(diff_augment(recon * 2 - 1, aug_draws)).mean()
         lam = adaptive_weight(total, gan, last_layer, average=average)
         total = total + disc_weight * lam * gan
         parts.update(gan=gan.detach(), adaptive_weight=lam)

@@ -7,10 +7,10 @@ E, the RAE statistics, C_enc and norm2 come frozen from the stage-1 checkpoint. 
 eq. 8's z_c = norm2(C_enc(norm(E(x) + eps))), eps ~ N(0, 0.4^2 I) (src.Stage1.encode), and the
 flow (SimFlow's deep-shallow XXL by default) is trained by maximum likelihood: eq. 9 divided by
 N d is the logged `loss` (nats per dimension; `bpd` adds the Gaussian constant, in bits). Labels
-become the null label with probability 0.1, for classifier-free guidance. A step's randomness
-(flips, eps, label drops) is drawn for the global batch from (seed, step) and each rank takes its
-rows: N processes follow one process's trajectory. Outputs in --out: checkpoint.pt (what
-sample.py reads), log.jsonl, samples/*.png.
+become the flow's null label with probability 0.1, for classifier-free guidance. --batch-size is
+the global batch. A step's randomness (flips, eps, label drops) is drawn for the global batch from
+(seed, step) and each rank takes its rows: N processes follow one process's trajectory. Outputs
+in --out: checkpoint.pt (what sample.py reads), log.jsonl, samples/*.png.
 """
 
 import argparse
@@ -20,10 +20,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict,
-                                                     set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -39,49 +42,28 @@ RESUME_KEPT = ("data", "stage1", "model", "batch_size", "epochs", "seed", "noise
 GRID_SAMPLES = 8
 
 
-@torch.no_grad()
-def sample_grid(flow, stage1, guidance, seed, precision, path):
-    """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes).
-    Under --fsdp every rank runs the flow, gathered whole for it (sampling is token by token,
-    so its blocks are gathered once, not at every token); rank 0 (path not None) decodes."""
-    shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
-    gen = torch.Generator().manual_seed(seed)
-    device = stage1.mean2.device
-    u = torch.randn(shape, generator=gen).to(device)
-    labels = None
-    names = None
-    if flow.num_classes:
-        labels = torch.arange(GRID_SAMPLES) % flow.num_classes
-        names = [str(int(c)) for c in labels]
-        labels = labels.to(device)
-    else:
-        guidance = 0.0
-    sharded = [m for m in flow.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
-    with common.autocast(device, precision):
-        z_c = flow.reverse(u, labels, guidance=guidance)
-    for m in sharded:
-        m.reshard()
-    if path is None:  # not rank 0
-        return
-    with common.autocast(device, precision):
-        images = stage1.decode(z_c).float()
-    common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
-
-
+# ---- The flow, its sharding and a step's randomness
 def build_flow(args, stage1, num_classes, device):
     """The flow for z_c (B, N, d) of this stage 1, its EMA copy and AdamW (the paper's betas)."""
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    flow = TARFlow(in_channels=stage1.C.d, num_tokens=stage1.rae.decoder.num_patches,
-                   num_classes=num_classes, **SIZES[args.model]).to(device)
+    # identical initial weights on every rank
+    torch.manual_seed(args.seed)
+    flow = TARFlow(
+        in_channels=stage1.C.d,
+        num_tokens=stage1.rae.decoder.num_patches,
+        num_classes=num_classes,
+        **SIZES[args.model],
+    ).to(device)
     ema = copy.deepcopy(flow).requires_grad_(False).eval()
     if args.fsdp:
         shard(flow, device, precision=common.precision_of(args.precision, device))
         shard(ema, device, precision="fp32")
-    fused = device.type == "cuda" and not args.fsdp
-    opt = torch.optim.AdamW(flow.parameters(), lr=args.lr, betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=fused)
+    opt = torch.optim.AdamW(
+        flow.parameters(),
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        fused=device.type == "cuda" and not args.fsdp,
+    )
     return flow, ema, opt
 
 
@@ -93,46 +75,29 @@ def shard(flow, device, precision):
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(cast_forward_inputs=False)
     if precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                      cast_forward_inputs=False)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16,
+            reduce_dtype=torch.float32,
+            cast_forward_inputs=False,
+        )
     for block in flow.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(flow, mesh=mesh, mp_policy=policy)
 
 
-def gather_states(run, fsdp):
-    """The flow's, the EMA's and the optimizer's state dicts: under --fsdp gathered whole onto
-    rank 0's host (a collective: every rank calls it; the others get empty dicts)."""
-    if not fsdp:
-        flow = run["flow"].state_dict()
-        ema = run["ema"].state_dict()
-        opt = run["opt"].state_dict()
-        return flow, ema, opt
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    flow = get_model_state_dict(run["flow"], options=options)
-    ema = get_model_state_dict(run["ema"], options=options)
-    opt = get_optimizer_state_dict(run["flow"], run["opt"], options=options)
-    return flow, ema, opt
-
-
-def restore(resume, run, fsdp):
-    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step."""
-    if fsdp:
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(run["flow"], resume["flow"], options=options)
-        set_model_state_dict(run["ema"], resume["flow_ema"], options=options)
-        set_optimizer_state_dict(
-            model=run["flow"],
-            optimizers=run["opt"],
-            optim_state_dict=resume["optimizer"],
-            options=options,
-        )
-    else:
-        run["flow"].load_state_dict(resume["flow"])
-        run["ema"].load_state_dict(resume["flow_ema"])
-        run["opt"].load_state_dict(resume["optimizer"])
-    common.restore_rng(resume["rng"])
-    return resume["step"]
+def wrap_ddp(model, world, device):
+    """DDP for more than one process: gradients averaged in 100 MB buckets that are the
+    parameters' .grad (no copies); the flow's buffers are constant, not broadcast."""
+    if world == 1:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(
+        model,
+        device_ids=ids,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+        bucket_cap_mb=100,
+    )
 
 
 def step_randomness(args, step, raw_shape, rank, world, device):
@@ -155,63 +120,27 @@ def step_randomness(args, step, raw_shape, rank, world, device):
     return flip, eps, drop
 
 
-def checkpoint_record(args, step, run, states):
-    """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
-    reloads exactly what it saved, or fails loudly), weights, optimizer, RNG, and the stage-1
-    record sample.py needs. `run` holds the run's flow, EMA, optimizer and facts by name."""
-    return dict(
-        stage="flow",
-        args=vars(args),
-        step=step,
-        epoch=step // run["steps_per_epoch"],
-        flow_kind=TARFlow.__name__,  # the class built (FSDP wraps it in another)
-        flow_config=run["flow"].config(),
-        flow=states[0],
-        flow_ema=states[1],
-        optimizer=states[2],
-        rng=common.capture_rng(),
-        stage1=os.path.abspath(args.stage1),
-        noise_std=args.noise_std,
-        noise_mode=args.noise_mode,
-        num_classes=run["num_classes"],
-        image_size=run["image_size"],
-        precision=run["precision"],
-        world_size=run["world"],
-        steps_per_epoch=run["steps_per_epoch"],
-    )
-
-
 def main(args):
     # Setup DDP and precision
     check_args(args)
-    rank, world, device = common.setup_ddp(
-        args.device,
-        args.dist_timeout,
-        group=args.fsdp,
-    )
+    rank, world, device = common.setup_ddp(args.device, args.dist_timeout, group=args.fsdp)
     master = rank == 0
-    precision = common.precision_of(args.precision, device)  # bf16 on GPUs by default
+    # bf16 on GPUs by default
+    precision = common.precision_of(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     resume = common.resume_checkpoint(args, ckpt_path, "flow", RESUME_KEPT)
     if resume is not None and bool(resume["args"].get("fsdp")) != args.fsdp:
-        raise UserError(
-            f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with"
-        )
+        raise UserError(f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with")
 
     # The frozen stage 1: E, the RAE statistics, C_enc and norm2 (eq. 8)
-    stage1 = load_stage1(
-        args.stage1,
-        device,
-        encoder=args.encoder,
-        decoder=args.decoder,
-    )
+    stage1 = load_stage1(args.stage1, device, encoder=args.encoder, decoder=args.decoder)
     image_size = stage1.image_size
     # (N, n): the shape of E(x), of eq. 8's noise
     raw_shape = (stage1.rae.decoder.num_patches, stage1.rae.encoder.embed_dim)
 
-    # Data
+    # Setup data
     dataset = common.training_set(args, image_size, rank, world)
     num_classes = 0 if args.unconditional else len(dataset.classes)
     if stage1.num_classes not in (None, len(dataset.classes)) and master:
@@ -222,27 +151,26 @@ def main(args):
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
     decay_epoch = args.decay_start_epoch
-    if decay_epoch is None:  # the paper's: constant for half the epochs, then cosine
+    # the paper's: constant for half the epochs, then cosine
+    if decay_epoch is None:
         decay_epoch = args.epochs / 2
     decay_start = int(round(decay_epoch * steps_per_epoch))
 
     # Create the flow, its EMA and the optimiser; resume, then free what was read
     flow, ema, opt = build_flow(args, stage1, num_classes, device)
-    run = dict(flow=flow, ema=ema, opt=opt, num_classes=num_classes,
-               image_size=image_size, precision=precision, world=world,
-               steps_per_epoch=steps_per_epoch)
-    step = restore(resume, run, args.fsdp) if resume is not None else 0
+    step = restore(resume, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
     resumed = resume is not None
-    del resume  # the checkpoint's mapping is released once nothing refers to it
+    # the checkpoint's mapping is released once nothing refers to it
+    del resume
     for block in flow.blocks:
         block.checkpointing = args.checkpoint_activations
-    if not master:  # only rank 0 decodes (the sample grids): the others drop D's weights
+    # only rank 0 decodes (the sample grids): the others drop D's weights
+    if not master:
         stage1.rae.decoder.to("meta")
     model = torch.compile(flow) if args.compile else flow
-    if world > 1 and not args.fsdp:  # DDP: gradients averaged in 100 MB buckets, no copies
-        ids = [device.index] if device.type == "cuda" else None
-        model = DDP(model, device_ids=ids, gradient_as_bucket_view=True,
-                    broadcast_buffers=False, bucket_cap_mb=100)
+    # DDP averages the gradients (--fsdp shards the flow instead)
+    if not args.fsdp:
+        model = wrap_ddp(model, world, device)
     if master:
         os.makedirs(args.out, exist_ok=True)
         millions = sum(p.numel() for p in flow.parameters()) / 1e6
@@ -274,7 +202,8 @@ def main(args):
             flip, eps, drop = step_randomness(args, step, raw_shape, rank, world, device)
             labels = labels.to(device, non_blocking=True)
             if num_classes:
-                labels = torch.where(drop, num_classes, labels)  # the null label, for CFG
+                # dropped labels become the null label, for classifier-free guidance
+                labels = torch.where(drop, flow.null_label, labels)
             else:
                 labels = None
 
@@ -285,14 +214,14 @@ def main(args):
                     z_c = stage1.encode(x, eps)  # eq. 8
                 u, logdet = model(z_c.float(), labels)
             loss = nll_per_dim(u, logdet).mean()  # eq. 9 / (N d)
-            lr = common.lr_schedule(step, 0, decay_start, total_steps, args.lr,
-                                    args.min_lr)
+            lr = common.lr_schedule(step, 0, decay_start, total_steps, args.lr, args.min_lr)
             common.set_lr(opt, lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             max_norm = args.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), max_norm)
-            if isinstance(grad_norm, DTensor):  # --fsdp: the norm over all shards
+            # --fsdp: the norm over all shards
+            if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
             opt.step()
             common.update_ema(ema, flow, args.ema_decay)
@@ -304,7 +233,8 @@ def main(args):
             extra = args.ckpt_every and step % args.ckpt_every == 0
             ckpt_due = at_epoch_end or step >= stop or extra
             if step % args.log_every == 0 or ckpt_due:
-                if not log.write(step, epoch=epoch, lr=lr):  # the loss became non-finite
+                if not log.write(step, epoch=epoch, lr=lr):
+                    # the loss became non-finite on some rank
                     common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
@@ -321,8 +251,12 @@ def main(args):
                     path=path,
                 )
             if ckpt_due:
-                states = gather_states(run, args.fsdp)
-                log.save(step, lambda: checkpoint_record(args, step, run, states))
+                # a collective under --fsdp: every rank gathers, rank 0 writes
+                states = gather_states(flow, ema=ema, opt=opt, fsdp=args.fsdp)
+                log.save(step, lambda: checkpoint_record(
+                    args, step=step, flow=flow, states=states, num_classes=num_classes,
+                    image_size=image_size, precision=precision, world=world,
+                    steps_per_epoch=steps_per_epoch))
             if step >= stop:
                 break
     log.bar.close()
@@ -331,6 +265,103 @@ def main(args):
     common.cleanup_ddp()
 
 
+# ---- Sample grids and checkpoints
+@torch.no_grad()
+def sample_grid(flow, stage1, guidance, seed, precision, path):
+    """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes).
+    Under --fsdp every rank runs the flow, gathered whole for it (sampling is token by token,
+    so its blocks are gathered once, not at every token); rank 0 (path not None) decodes."""
+    shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
+    gen = torch.Generator().manual_seed(seed)
+    device = stage1.mean2.device
+    u = torch.randn(shape, generator=gen).to(device)
+    labels = None
+    names = None
+    if flow.num_classes:
+        labels = torch.arange(GRID_SAMPLES) % flow.num_classes
+        names = [str(int(c)) for c in labels]
+        labels = labels.to(device)
+    else:
+        guidance = 0.0
+    sharded = [m for m in flow.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    with common.autocast(device, precision):
+        z_c = flow.reverse(u, labels, guidance=guidance)
+    for m in sharded:
+        m.reshard()
+    # not rank 0
+    if path is None:
+        return
+    with common.autocast(device, precision):
+        images = stage1.decode(z_c).float()
+    common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
+
+
+def gather_states(flow, ema, opt, fsdp):
+    """The flow's, the EMA's and the optimizer's state dicts: under --fsdp gathered whole onto
+    rank 0's host (a collective: every rank calls it; the others get empty dicts)."""
+    if not fsdp:
+        return flow.state_dict(), ema.state_dict(), opt.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    flow_state = get_model_state_dict(flow, options=options)
+    ema_state = get_model_state_dict(ema, options=options)
+    opt_state = get_optimizer_state_dict(flow, opt, options=options)
+    return flow_state, ema_state, opt_state
+
+
+def checkpoint_record(args, step, flow, states, num_classes, image_size, precision, world,
+                      steps_per_epoch):
+    """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
+    reloads exactly what it saved, or fails loudly), its weights, the EMA's and the optimizer's
+    (`states`, from gather_states), RNG, and the stage-1 record sample.py needs."""
+    return dict(
+        stage="flow",
+        args=vars(args),
+        step=step,
+        epoch=step // steps_per_epoch,
+        # the class built (FSDP wraps it in another)
+        flow_kind=TARFlow.__name__,
+        flow_config=flow.config(),
+        flow=states[0],
+        flow_ema=states[1],
+        optimizer=states[2],
+        rng=common.capture_rng(),
+        stage1=os.path.abspath(args.stage1),
+        noise_std=args.noise_std,
+        noise_mode=args.noise_mode,
+        num_classes=num_classes,
+        image_size=image_size,
+        precision=precision,
+        world_size=world,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def restore(resume, flow, ema, opt, fsdp):
+    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step. A
+    fresh run (resume None) starts at step 0."""
+    if resume is None:
+        return 0
+    if fsdp:
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(flow, resume["flow"], options=options)
+        set_model_state_dict(ema, resume["flow_ema"], options=options)
+        set_optimizer_state_dict(
+            model=flow,
+            optimizers=opt,
+            optim_state_dict=resume["optimizer"],
+            options=options,
+        )
+    else:
+        flow.load_state_dict(resume["flow"])
+        ema.load_state_dict(resume["flow_ema"])
+        opt.load_state_dict(resume["optimizer"])
+    common.restore_rng(resume["rng"])
+    return resume["step"]
+
+
+# ---- Command line
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 2: train the flow on z_c (eq. 8, 9).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -342,7 +373,7 @@ def build_parser():
     p.add_argument("--model", default="XXL", choices=list(SIZES),
                    help="flow size (XXL: width 1152, depths 2,2,2,2,2,46: 1.36B)")
     p.add_argument("--epochs", type=int, default=320, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="the GLOBAL batch (all ranks)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr (betas 0.9, 0.999)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="lr at the cosine's end")
     p.add_argument("--decay-start-epoch", type=float, default=None, help="default: epochs / 2")

@@ -9,19 +9,21 @@
 E and D stay frozen; C = (C_enc, C_dec) learns eq. 7's reconstruction with RAE's per-example
 noise on the raw encoder output (eps ~ N(0, sigma^2 I), sigma ~ U(0, 0.8)) under the RAE
 decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's adaptive weight.
-Whenever the run stops, the compact statistics norm2 of eq. 5 are measured with the EMA C and
-stored: the checkpoint is all stage 2 needs. --compressor picks a row of Table 5; pca and
-identity train nothing (only the statistics are computed); --train-decoder trains D too (toy
-runs). Where the paper defers to RAE (bytetriper/RAE, src/train_stage1.py), the defaults are
-RAE's: its EMA decay, its random crop without flips (--crop center: ADM's crop with flips), its
-DINO discriminator. A step's randomness is drawn for the global batch from (seed, step), an
-image's crop from (seed, epoch, index), and the adaptive weight uses rank-averaged gradients: N
-processes follow one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl,
-recon/*.png (inputs above the EMA's reconstructions).
+Each step of main's loop updates C (and D), then the discriminator. Whenever the run stops, the
+compact statistics norm2 of eq. 5 are measured with the EMA C and stored: the checkpoint is all
+stage 2 needs. --compressor picks a row of Table 5; pca and identity train nothing (only the
+statistics are computed); --train-decoder trains D too (toy runs). Where the paper defers to RAE
+(bytetriper/RAE, src/train_stage1.py), the defaults are RAE's: its EMA decay, its random crop
+without flips (--crop center: ADM's crop with flips), its DINO discriminator. --batch-size is the
+global batch. A step's randomness is drawn for the global batch from (seed, step), an image's
+crop from (seed, epoch, index), and the adaptive weight uses rank-averaged gradients: N processes
+follow one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (inputs
+above the EMA's reconstructions).
 """
 
 import argparse
 import copy
+import functools
 import os
 import sys
 
@@ -37,13 +39,15 @@ from src import COMPRESSORS, Stage1
 RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor",
                "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
-GRID_IMAGES = 8  # training images shown above their EMA reconstructions in recon/*.png
+# training images shown above their EMA reconstructions in recon/*.png
+GRID_IMAGES = 8
 # RAE's stage-1 EMA (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's 0.9999 is the paper's
 EMA_DECAY = 0.9978
 # DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
 DIFFAUG_PARAMS = 5
 
 
+# ---- The models, the optimisers and a step's randomness
 def build_decoder(args, encoder):
     """D: built from --decoder-* to be trained (--train-decoder, RAE's patch 16), or the released
     one, frozen, whose patch size and token count come from its file."""
@@ -74,6 +78,24 @@ def build_compressor(args, n):
     return COMPRESSORS[args.compressor](n=n, d=args.src_dim)
 
 
+def create_models(args, device):
+    """E and D (frozen unless --train-decoder) in the RAE of eq. 1, and C (eq. 4), with the same
+    initial weights on every rank. Returns (rae, C, trains, prints): whether anything trains
+    (pca and identity have no parameters: without --train-decoder nothing does) and the
+    fingerprints of E's and a released D's weights as read (stage 2 refuses other weights of
+    these shapes)."""
+    torch.manual_seed(args.seed)
+    encoder = load_dinov2(args.encoder)
+    decoder = build_decoder(args, encoder)
+    C = build_compressor(args, encoder.embed_dim).to(device)
+    rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
+    decoder.requires_grad_(args.train_decoder)
+    trains = args.train_decoder or len(list(C.parameters())) > 0
+    encoder_print = fingerprint(encoder)
+    decoder_print = None if args.train_decoder else fingerprint(decoder)
+    return rae, C, trains, (encoder_print, decoder_print)
+
+
 def build_losses(args, trains, device):
     """LPIPS, the discriminator (None where their weight is 0, or where nothing trains) and its
     trainable parameters (a DINO discriminator's backbone stays frozen), their files read now."""
@@ -94,38 +116,6 @@ def build_losses(args, trains, device):
     return lpips, disc, disc_params
 
 
-def image_batches(dataset, args, rank, world, device):
-    """This rank's share of the first --stats-images (0: all) training images in [0, 1], by
-    index: ADM's centre crops, unflipped, whatever --crop is. Eq. 1's statistics are RAE's
-    (its calculate_stat.py crops so) and norm2 is over the features stage 2 sees."""
-    end = min(args.stats_images or len(dataset), len(dataset))
-    part = torch.utils.data.Subset(dataset, range(rank, end, world))
-    loader = torch.utils.data.DataLoader(
-        part,
-        batch_size=args.batch_size // world,
-        num_workers=args.num_workers,
-    )
-    for images, _ in loader:
-        yield common.to_unit(images, device)
-
-
-def set_statistics(args, rae, C, resume, batches, device):
-    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
-    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
-    if resume is not None:
-        stats = resume["rae_stats"]  # copied: nothing keeps the checkpoint's mapping alive
-        rae.set_stats(stats["mean"].clone(), stats["var"].clone())
-    elif args.rae_stats:
-        rae.load_stats(args.rae_stats)
-    else:
-        print0("computing the RAE statistics (eq. 1) over the training images")
-        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
-    if C.kind == "pca" and resume is None:
-        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
-        print0(f"PCA: {C.d} of {C.n} directions explain {C.explained:.1%}")
-    return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
-
-
 def ema_copies(args, rae, C, rae_stats, device):
     """The EMA copies of C and (with --train-decoder) D, and the Stage1 that holds them."""
     C_ema = copy.deepcopy(C).requires_grad_(False).eval()
@@ -138,7 +128,9 @@ def ema_copies(args, rae, C, rae_stats, device):
 
 
 def adamw(params, args, device):
-    """RAE's optimiser, for C (and D) and for the discriminator."""
+    """RAE's optimiser, for C (and D) and for the discriminator; None without parameters."""
+    if not params:
+        return None
     return torch.optim.AdamW(
         params,
         lr=args.lr,
@@ -149,11 +141,25 @@ def adamw(params, args, device):
 
 
 def wrap_ddp(module, world, device):
-    """DDP for more than one process. The statistics are equal on every rank: not synced."""
-    if world == 1:
+    """DDP for more than one process (None stays None). The statistics are equal on every rank:
+    not synced."""
+    if world == 1 or module is None:
         return module
     ids = [device.index] if device.type == "cuda" else None
     return DDP(module, device_ids=ids, forward_sync_buffers=False)
+
+
+def gan_steps(args, steps_per_epoch, stop, disc):
+    """The step the GAN loss starts training C from (--disc-start) and the step the
+    discriminator starts training from (--disc-upd-start): both flags count epochs, so the steps
+    are said once (with a discriminator)."""
+    gan_from_step = args.disc_start * steps_per_epoch
+    disc_from_step = args.disc_upd_start * steps_per_epoch
+    if disc is not None:
+        late = " (not in this run)" if gan_from_step >= stop else ""
+        print0(f"GAN: the discriminator trains from step {disc_from_step}, its loss trains C "
+               f"from step {gan_from_step}{late}")
+    return gan_from_step, disc_from_step
 
 
 def step_randomness(args, step, raw_shape, rank, world, device):
@@ -175,10 +181,10 @@ def step_randomness(args, step, raw_shape, rank, world, device):
         sigma=args.noise_max,
         per_example=True,
     )
-    aug = []
+    aug_draws = []
     for _ in range(3):
-        aug.append(common.global_rand(gen, B, (DIFFAUG_PARAMS,), rank, world, device))
-    return flip, eps, aug
+        aug_draws.append(common.global_rand(gen, B, (DIFFAUG_PARAMS,), rank, world, device))
+    return flip, eps, aug_draws
 
 
 def train_discriminator(disc, params, on):
@@ -189,150 +195,47 @@ def train_discriminator(disc, params, on):
         disc.train(on)
 
 
-def generator_step(args, parts, net, batch, use_gan, lr):
-    """One AdamW step of C (and D) on eq. 7's reconstruction under RAE's objective (losses.py);
-    the EMAs follow. Returns the loss, its parts and the gradient norm."""
-    opt = parts["opt"]
-    common.set_lr(opt, lr)
-    # the GAN loss's gradients flow through the discriminator, not into it
-    train_discriminator(parts["disc"], parts["disc_params"], False)
-    x = batch["x"]
-    with common.autocast(x.device, parts["precision"]):
-        recon = net(batch["z_raw"], batch["eps"]).float()  # eq. 7
-        disc = parts["disc"] if use_gan else None
-        loss, loss_parts = losses.generator_loss(
-            recon,
-            x,
-            lpips=parts["lpips"],
-            perceptual_weight=args.perceptual_weight,
-            disc=disc,
-            disc_weight=args.disc_weight,
-            aug_u=batch["aug"][0],
-            last_layer=parts["last_layer"],
-            average=common.all_reduce_,
-        )
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    # The gradient norm is measured, not clipped (RAE does not clip)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parts["trainable"], float("inf"))
-    opt.step()
-    common.update_ema(parts["C_ema"], parts["C"], args.ema_decay)
-    if args.train_decoder:
-        common.update_ema(parts["D_ema"], parts["decoder"], args.ema_decay)
-    return loss, loss_parts, grad_norm
+# ---- The statistics of eq. 1 and eq. 5
+def image_batches(dataset, args, rank, world, device):
+    """This rank's share of the first --stats-images (0: all) training images in [0, 1], by
+    index: ADM's centre crops, unflipped, whatever --crop is. Eq. 1's statistics are RAE's
+    (its calculate_stat.py crops so) and norm2 is over the features stage 2 sees."""
+    end = min(args.stats_images or len(dataset), len(dataset))
+    part = torch.utils.data.Subset(dataset, range(rank, end, world))
+    loader = torch.utils.data.DataLoader(
+        part,
+        batch_size=args.batch_size // world,
+        num_workers=args.num_workers,
+    )
+    for images, _ in loader:
+        yield common.to_unit(images, device)
 
 
-def discriminator_step(parts, model, batch, precision, lr):
-    """Hinge loss on a fresh reconstruction of the clean tokens, 8-bit like a saved image, and on
-    the real images, each with its own DiffAug draw; returns the loss."""
-    train_discriminator(parts["disc"], parts["disc_params"], True)
-    common.set_lr(parts["disc_opt"], lr)
-    x = batch["x"]
-    aug = batch["aug"]
-    with torch.no_grad(), common.autocast(x.device, precision):
-        fake = model(batch["z_raw"]).float().clamp(0, 1)
-        fake = torch.round(fake * 255) / 127.5 - 1  # 8-bit, in [-1, 1]
-    with common.autocast(x.device, precision):
-        logits_real = parts["disc_net"](losses.diff_augment(x * 2 - 1, aug[2]))
-        logits_fake = parts["disc_net"](losses.diff_augment(fake, aug[1]))
-        d_loss = losses.hinge_d_loss(logits_real, logits_fake)
-    parts["disc_opt"].zero_grad(set_to_none=True)
-    d_loss.backward()
-    parts["disc_opt"].step()
-    return d_loss.detach()
+def set_statistics(args, rae, C, resume, batches, device):
+    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
+    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
+    if resume is not None:
+        # copied: nothing keeps the checkpoint's mapping alive
+        stats = resume["rae_stats"]
+        rae.set_stats(stats["mean"].clone(), stats["var"].clone())
+    elif args.rae_stats:
+        rae.load_stats(args.rae_stats)
+    else:
+        print0("computing the RAE statistics (eq. 1) over the training images")
+        rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
+    if C.kind == "pca" and resume is None:
+        C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
+        print0(f"PCA: {C.d} of {C.n} directions explain {C.explained:.1%}")
+    return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
 
 
-def measure_norm2(stage1_ema, batches, device):
+def measure_norm2(stage1_ema, batches, device, precision):
     """Eq. 5's norm2: the channel mean and variance of C_enc(norm(E(x))) with the EMA C, and the
     eps its standardisation adds to the variance (as eq. 1's)."""
-    mean2, var2 = common.channel_stats(batches, stage1_ema.encode, device)
+    print0("computing the compact statistics norm2 (eq. 5) with the EMA compressor")
+    with common.autocast(device, precision):
+        mean2, var2 = common.channel_stats(batches, stage1_ema.encode, device)
     return dict(mean=mean2.cpu(), var=var2.cpu(), eps=STATS_EPS)
-
-
-def checkpoint_record(args, step, world, steps_per_epoch, parts):
-    """What checkpoint.pt holds: what E, D and C were built from (kind, path, config, the
-    weights' fingerprint), their weights, the statistics of eq. 1 and 5, optimisers and RNG."""
-    trained_d = args.train_decoder
-    encoder = dict(
-        kind="dinov2",
-        path=os.path.abspath(args.encoder),
-        config=parts["encoder"].config(),
-        fingerprint=parts["encoder_print"],
-    )
-    decoder = dict(
-        path=os.path.abspath(args.decoder) if args.decoder else None,
-        config=parts["decoder"].config(),
-        fingerprint=parts["decoder_print"],
-        state=parts["decoder"].state_dict() if trained_d else None,
-        state_ema=parts["D_ema"].state_dict() if trained_d else None,
-    )
-    C = parts["C"]
-    compressor = dict(
-        kind=C.kind,
-        config=C.config(),
-        state=C.state_dict(),
-        state_ema=parts["C_ema"].state_dict(),
-    )
-    states = {}
-    for name in ("opt", "disc", "disc_opt"):
-        states[name] = parts[name].state_dict() if parts[name] is not None else None
-    return dict(
-        stage="src",
-        args=vars(args),
-        step=step,
-        epoch=step // steps_per_epoch,
-        image_size=args.image_size,
-        num_classes=parts["num_classes"],
-        encoder=encoder,
-        decoder=decoder,
-        compressor=compressor,
-        rae_stats=parts["rae_stats"],
-        norm2=parts["norm2"],
-        optimizer=states["opt"],
-        discriminator=states["disc"],
-        disc_optimizer=states["disc_opt"],
-        rng=common.capture_rng(),
-        world_size=world,
-        steps_per_epoch=steps_per_epoch,
-    )
-
-
-def resume_from(resume, parts):
-    """Load the states of a checkpoint into the run's parts; returns its step."""
-    comp = resume["compressor"]
-    dec = resume["decoder"]  # its states are None unless D was trained
-    saved = dict(C=comp["state"],
-                 C_ema=comp["state_ema"],
-                 decoder=dec["state"],
-                 D_ema=dec["state_ema"],
-                 opt=resume["optimizer"],
-                 disc=resume["discriminator"],
-                 disc_opt=resume["disc_optimizer"])
-    for name, state in saved.items():
-        if parts[name] is not None and state is not None:
-            parts[name].load_state_dict(state)
-    norm2 = resume["norm2"]  # copied: nothing keeps the checkpoint's mapping alive
-    if norm2 is not None:
-        parts["norm2"] = dict(
-            mean=norm2["mean"].clone(),
-            var=norm2["var"].clone(),
-            eps=norm2.get("eps", 0.0),
-        )
-    common.restore_rng(resume["rng"])
-    return resume["step"]
-
-
-def print_gan_plan(disc_start, gan_start, stop):
-    """--disc-start and --disc-upd-start count epochs: say in steps when the GAN starts."""
-    late = " (not in this run)" if gan_start >= stop else ""
-    print0(f"GAN: the discriminator trains from step {disc_start}, its loss trains C from step "
-           f"{gan_start}{late}")
-
-
-def print0(text):
-    """Print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(text)
 
 
 def main(args):
@@ -340,7 +243,8 @@ def main(args):
     check_args(args)
     rank, world, device = common.setup_ddp(args.device, args.dist_timeout)
     master = rank == 0
-    precision = common.precision_of(args.precision, device)  # bf16 on GPUs, as stage 2
+    # bf16 on GPUs by default, as stage 2
+    precision = common.precision_of(args.precision, device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -353,138 +257,210 @@ def main(args):
     loader = common.make_loader(dataset, sampler, args.num_workers)
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = args.epochs * steps_per_epoch
-    B = args.batch_size
 
-    def batches():  # the first --stats-images training images, for the statistics
-        return image_batches(dataset, args, rank, world, device)
+    # batches(): the first --stats-images training images, for the statistics
+    batches = functools.partial(image_batches, dataset, args, rank, world, device)
 
     # Create E, D (frozen unless --train-decoder), C and the loss networks: every file read now
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    encoder = load_dinov2(args.encoder)
-    decoder = build_decoder(args, encoder)
-    C = build_compressor(args, encoder.embed_dim).to(device)
-    # pca and identity have no parameters: without --train-decoder nothing trains
-    trains = args.train_decoder or len(list(C.parameters())) > 0
+    rae, C, trains, prints = create_models(args, device)
     lpips, disc, disc_params = build_losses(args, trains, device)
-    rae = RAE(encoder, decoder, image_size=args.image_size).to(device)
 
     # The statistics of eq. 1 (and the PCA fit), the EMA copies of C and D
     rae_stats = set_statistics(args, rae, C, resume, batches, device)
     C_ema, D_ema, stage1_ema = ema_copies(args, rae, C, rae_stats, device)
 
     # The trained path (its forward is eq. 7), the optimisers; resume
-    decoder.requires_grad_(args.train_decoder)
     model = Stage1(rae, C).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    has_disc = disc is not None
-    parts = dict(  # the run's modules, optimisers and records, by name
-        encoder=encoder,
-        decoder=decoder,
-        C=C,
-        C_ema=C_ema,
-        D_ema=D_ema,
-        opt=adamw(trainable, args, device) if trainable else None,
-        disc=disc,
-        disc_params=disc_params,
-        disc_opt=adamw(disc_params, args, device) if has_disc else None,
-        disc_net=wrap_ddp(disc, world, device) if has_disc else None,
-        lpips=lpips,
-        trainable=trainable,
-        last_layer=decoder.decoder_pred.weight if args.train_decoder else C.last_layer(),
-        rae_stats=rae_stats,
-        norm2=None,
-        precision=precision,
-        num_classes=len(dataset.classes),
-        # the weights' fingerprints: stage 2 refuses other weights of these shapes
-        encoder_print=fingerprint(encoder),
-        decoder_print=None if args.train_decoder else fingerprint(decoder),
-    )
-    step = resume_from(resume, parts) if resume is not None else 0
+    opt = adamw(trainable, args, device)
+    disc_opt = adamw(disc_params, args, device)
+    disc_net = wrap_ddp(disc, world, device)
+    # the GAN loss's adaptive weight compares the gradients at the last layer trained
+    last_layer = rae.decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
+    step, norm2 = resume_from(
+        resume, C=C, C_ema=C_ema, decoder=rae.decoder, D_ema=D_ema, opt=opt, disc=disc,
+        disc_opt=disc_opt)
     resumed = resume is not None
+    del resume  # the checkpoint's mapping is released once nothing refers to it
+
+    # what checkpoint.pt holds now (built on rank 0 only)
+    def record():
+        return checkpoint_record(
+            args, step=step, world=world, steps_per_epoch=steps_per_epoch,
+            num_classes=len(dataset.classes), rae=rae, C=C, C_ema=C_ema, D_ema=D_ema, opt=opt,
+            disc=disc, disc_opt=disc_opt, rae_stats=rae_stats, norm2=norm2, prints=prints)
+
     os.makedirs(args.out, exist_ok=True)
-    millions = sum(p.numel() for p in trainable) / 1e6
-    print0(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {len(dataset)} "
-           f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch {B} on "
-           f"{world} ranks, {device}, {precision}")
+    print_run(args, C=C, trainable=trainable, images=len(dataset), steps_per_epoch=steps_per_epoch,
+              world=world, device=device, precision=precision)
 
     # Train: eq. 7 with per-example noise, RAE's objective (DDP averages the gradients)
     net = wrap_ddp(model, world, device) if trains else model
     stop = min(args.max_steps or total_steps, total_steps) if trains else step
-    if stop > step:  # C trains on: a resumed run's norm2 is stale, measured again at the end
-        parts["norm2"] = None
-    del resume  # the checkpoint's mapping is released once nothing refers to it
-    raw_shape = (decoder.num_patches, encoder.embed_dim)  # (N, n) of E(x)
-    gan_start = args.disc_start * steps_per_epoch
-    disc_start = args.disc_upd_start * steps_per_epoch
+    # C trains on: a resumed run's norm2 is stale, measured again at the end
+    if stop > step:
+        norm2 = None
+    raw_shape = (rae.decoder.num_patches, rae.encoder.embed_dim)  # (N, n) of E(x)
+    gan_from_step, disc_from_step = gan_steps(args, steps_per_epoch, stop=stop, disc=disc)
     warmup = int(round(args.warmup_epochs * steps_per_epoch))
-    if disc is not None:
-        print_gan_plan(disc_start, gan_start, stop)
-    log = common.TrainLog(LOG_KEYS, out=args.out, step=step,
-                          total=total_steps if trains else step, batch_size=B,
-                          device=device, master=master, resumed=resumed,
-                          show=("loss", "l1", "lr"))
-    # the first training images, shown with their reconstructions in the grids
+    log = common.TrainLog(
+        LOG_KEYS, out=args.out, step=step, total=total_steps if trains else step,
+        batch_size=args.batch_size, device=device, master=master, resumed=resumed,
+        show=("loss", "l1", "lr"))
+    # the first training images, shown above their reconstructions in the grids
     fixed = next(batches())[:GRID_IMAGES]
     for epoch in range(step // steps_per_epoch, args.epochs):
         if step >= stop:
             break
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
         for images, _ in loader:
-            use_gan = disc is not None and step >= gan_start
-            train_disc = disc is not None and step >= disc_start
-            flip, eps, aug = step_randomness(args, step, raw_shape, rank, world, device)
+            use_gan = disc is not None and step >= gan_from_step
+            train_disc = disc is not None and step >= disc_from_step
+            flip, eps, aug_draws = step_randomness(args, step, raw_shape, rank, world, device)
             x = common.to_unit(images, device, flip)
             with torch.no_grad(), common.autocast(device, precision):
                 z_raw = rae.encode_raw(x).float()
 
-            # The generator step: C (and D with --train-decoder)
-            lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr,
-                                    args.min_lr)
-            batch = dict(x=x, z_raw=z_raw, eps=eps, aug=aug)
-            loss, loss_parts, grad_norm = generator_step(args, parts, net, batch,
-                                                         use_gan, lr)
+            # Update C (and D): eq. 7's reconstruction under RAE's objective (losses.py); the
+            # GAN loss's gradients flow through the discriminator, not into it
+            lr = common.lr_schedule(step, warmup, warmup, total_steps, args.lr, args.min_lr)
+            common.set_lr(opt, lr)
+            train_discriminator(disc, disc_params, False)
+            with common.autocast(device, precision):
+                recon = net(z_raw, eps).float()  # eq. 7
+                loss, loss_parts = losses.generator_loss(
+                    recon, x, lpips=lpips, perceptual_weight=args.perceptual_weight,
+                    disc=disc if use_gan else None, disc_weight=args.disc_weight,
+                    aug_draws=aug_draws[0], last_layer=last_layer, average=common.all_reduce_)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # the gradient norm is measured, not clipped (RAE does not clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
+            opt.step()
+            common.update_ema(C_ema, C, args.ema_decay)
+            if args.train_decoder:
+                common.update_ema(D_ema, rae.decoder, args.ema_decay)
 
-            # The discriminator step
+            # Update the discriminator: hinge loss on a fresh reconstruction of the clean tokens,
+            # 8-bit like a saved image, and on the real images, each with its own DiffAug draws
             d_loss = torch.zeros((), device=device)
             if train_disc:
-                disc_lr = common.lr_schedule(step - disc_start, warmup, warmup, total_steps,
+                train_discriminator(disc, disc_params, True)
+                disc_lr = common.lr_schedule(step - disc_from_step, warmup, warmup, total_steps,
                                              args.lr, args.min_lr)
-                d_loss = discriminator_step(parts, model, batch, precision, disc_lr)
-            log.add(step, loss=loss, **loss_parts, disc_loss=d_loss,
-                    grad_norm=grad_norm)
+                common.set_lr(disc_opt, disc_lr)
+                with torch.no_grad(), common.autocast(device, precision):
+                    fake = model(z_raw).float().clamp(0, 1)
+                    fake = torch.round(fake * 255) / 127.5 - 1  # 8-bit, in [-1, 1]
+                with common.autocast(device, precision):
+                    logits_real = disc_net(losses.diff_augment(x * 2 - 1, aug_draws[2]))
+                    logits_fake = disc_net(losses.diff_augment(fake, aug_draws[1]))
+                    d_loss = losses.hinge_d_loss(logits_real, logits_fake)
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+            log.add(step, loss=loss, **loss_parts, disc_loss=d_loss.detach(), grad_norm=grad_norm)
             step += 1
 
             # Log (one host sync), grids, checkpoints
             extra = args.ckpt_every and step % args.ckpt_every == 0
             ckpt_due = step < stop and (step % steps_per_epoch == 0 or extra)
             if step % args.log_every == 0 or ckpt_due or step >= stop:
-                finite = log.write(step, epoch=epoch, lr=lr, gan_on=use_gan,
-                                   disc_on=train_disc)
-                if not finite:  # the loss became non-finite on some rank
+                if not log.write(step, epoch=epoch, lr=lr, gan_on=use_gan, disc_on=train_disc):
+                    # the loss became non-finite on some rank
                     common.cleanup_ddp()
                     sys.exit(3)
             grid_due = args.grid_every and (step % args.grid_every == 0 or step >= stop)
             if master and grid_due:
                 save_recon_grid(stage1_ema, fixed, args.out, step, precision)
             if ckpt_due:
-                log.save(step, lambda: checkpoint_record(args, step, world, steps_per_epoch,
-                                                         parts))
+                log.save(step, record)
             if step >= stop:
                 break
     log.bar.close()
 
     # norm2 of eq. 5 (clean tokens, EMA C, no flips), measured whenever the run stops
-    if parts["norm2"] is None:
-        print0("computing the compact statistics norm2 (eq. 5) with the EMA compressor")
-        with common.autocast(device, precision):
-            parts["norm2"] = measure_norm2(stage1_ema, batches(), device)
-        if master:
-            record = checkpoint_record(args, step, world, steps_per_epoch, parts)
-            common.save_checkpoint(record, ckpt_path)
+    if norm2 is None:
+        norm2 = measure_norm2(stage1_ema, batches(), device, precision=precision)
+        log.save(step, record)
     what = f"step {step}" if trains else "nothing to train: wrote the statistics"
     print0(f"done, {what}; {ckpt_path} feeds stage 2: python train_flow.py --data "
            f"{args.data} --stage1 {ckpt_path} --out OUT")
     common.cleanup_ddp()
+
+
+# ---- Checkpoints, grids and messages
+def checkpoint_record(args, step, world, steps_per_epoch, num_classes, rae, C, C_ema, D_ema, opt,
+                      disc, disc_opt, rae_stats, norm2, prints):
+    """What checkpoint.pt holds: what E, D and C were built from (kind, path, config, the
+    weights' fingerprints `prints` of E and D), their weights, the statistics of eq. 1 and 5,
+    optimisers and RNG. D's states only where it was trained."""
+    trained_d = args.train_decoder
+    encoder = dict(
+        kind="dinov2",
+        path=os.path.abspath(args.encoder),
+        config=rae.encoder.config(),
+        fingerprint=prints[0],
+    )
+    decoder = dict(
+        path=os.path.abspath(args.decoder) if args.decoder else None,
+        config=rae.decoder.config(),
+        fingerprint=prints[1],
+        state=rae.decoder.state_dict() if trained_d else None,
+        state_ema=D_ema.state_dict() if trained_d else None,
+    )
+    compressor = dict(
+        kind=C.kind,
+        config=C.config(),
+        state=C.state_dict(),
+        state_ema=C_ema.state_dict(),
+    )
+    return dict(
+        stage="src",
+        args=vars(args),
+        step=step,
+        epoch=step // steps_per_epoch,
+        image_size=args.image_size,
+        num_classes=num_classes,
+        encoder=encoder,
+        decoder=decoder,
+        compressor=compressor,
+        rae_stats=rae_stats,
+        norm2=norm2,
+        optimizer=opt.state_dict() if opt is not None else None,
+        discriminator=disc.state_dict() if disc is not None else None,
+        disc_optimizer=disc_opt.state_dict() if disc_opt is not None else None,
+        rng=common.capture_rng(),
+        world_size=world,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def resume_from(resume, C, C_ema, decoder, D_ema, opt, disc, disc_opt):
+    """Load a checkpoint's states into the run's modules and optimisers (D's only where it was
+    trained, the discriminator's where there is one) and restore the RNG; returns its step and
+    its norm2 (None if not measured yet). A fresh run (resume None) starts at step 0."""
+    if resume is None:
+        return 0, None
+    comp = resume["compressor"]
+    # D's states are None unless it was trained
+    dec = resume["decoder"]
+    pairs = [(C, comp["state"]),
+             (C_ema, comp["state_ema"]),
+             (decoder, dec["state"]),
+             (D_ema, dec["state_ema"]),
+             (opt, resume["optimizer"]),
+             (disc, resume["discriminator"]),
+             (disc_opt, resume["disc_optimizer"])]
+    for target, state in pairs:
+        if target is not None and state is not None:
+            target.load_state_dict(state)
+    # copied: nothing keeps the checkpoint's mapping alive
+    norm2 = resume["norm2"]
+    if norm2 is not None:
+        norm2 = dict(mean=norm2["mean"].clone(), var=norm2["var"].clone(), eps=norm2["eps"])
+    common.restore_rng(resume["rng"])
+    return resume["step"], norm2
 
 
 @torch.no_grad()
@@ -496,6 +472,23 @@ def save_recon_grid(stage1_ema, fixed, out, step, precision):
     common.save_grid(torch.cat([fixed, recon]), path, nrow=len(fixed))
 
 
+def print_run(args, C, trainable, images, steps_per_epoch, world, device, precision):
+    """What this run trains, on what, where."""
+    millions = sum(p.numel() for p in trainable) / 1e6
+    print0(f"compressor {C.kind} n={C.n} -> d={C.d}, {millions:.2f}M trained; {images} "
+           f"images, {steps_per_epoch} steps/epoch x {args.epochs} epochs, global batch "
+           f"{args.batch_size} on {world} ranks, {device}, {precision}")
+
+
+
+
+def print0(text):
+    """Print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(text)
+
+
+# ---- Command line
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 1: train the compressor (eq. 7).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -518,7 +511,7 @@ def build_parser():
     p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
     p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--batch-size", type=int, default=256, help="the GLOBAL batch (all ranks)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr of C, D and the disc.")
     p.add_argument("--min-lr", type=float, default=2e-5, help="lr at the cosine's end")
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs")
@@ -556,7 +549,8 @@ def check_args(args):
     if args.train_decoder == (args.decoder is not None):
         raise UserError("give one of --decoder PATH and --train-decoder")
     if args.compressor in ("pca", "identity") and not args.train_decoder:
-        return args  # nothing to train: the loss weights are not needed
+        # nothing to train: the loss weights are not needed
+        return args
     if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
         raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
                         f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}), or 0")

@@ -105,7 +105,7 @@ def src_step_fn(args, device, precision, compile_, gan="off"):
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     raw_shape = (model_rae.decoder.num_patches, args.encoder_width)
-    aug = torch.rand(args.batch, 5, device=device)
+    aug_draws = torch.rand(args.batch, 5, device=device)
 
     def step():
         eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.8, per_example=True)
@@ -116,9 +116,9 @@ def src_step_fn(args, device, precision, compile_, gan="off"):
             loss = (recon - x).abs().mean()
             if gan == "adaptive":  # VQGAN's weight: the two gradients at C_dec's last layer
                 loss, _ = losses.generator_loss(recon, x, lpips=None, perceptual_weight=0, disc=disc,
-                                                disc_weight=0.75, aug_u=aug, last_layer=C.last_layer())
+                                                disc_weight=0.75, aug_draws=aug_draws, last_layer=C.last_layer())
             elif gan == "fixed":
-                loss = loss - 0.75 * disc(losses.diff_augment(recon * 2 - 1, aug)).mean()
+                loss = loss - 0.75 * disc(losses.diff_augment(recon * 2 - 1, aug_draws)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

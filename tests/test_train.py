@@ -210,9 +210,9 @@ def test_diff_augment_identity_and_translation():
     x = torch.rand(2, 3, 16, 16)
     neutral = torch.full((2, 5), 0.5)          # no shift, brightness +0, saturation x1, contrast x1
     assert torch.allclose(losses.diff_augment(x, neutral), x, atol=1e-6)
-    u = neutral.clone()
-    u[0, 0] = 0.99                             # max downward read offset: +2 rows (16 * 1/8 = 2)
-    out = losses.diff_augment(x, u)
+    draws = neutral.clone()
+    draws[0, 0] = 0.99                         # max downward read offset: +2 rows (16 * 1/8 = 2)
+    out = losses.diff_augment(x, draws)
     expect = torch.zeros_like(x[0])
     expect[:, :14] = x[0, :, 2:]               # output row i reads input row i + 2, zero beyond the edge
     assert torch.allclose(out[0], expect, atol=1e-6)
