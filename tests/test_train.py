@@ -720,7 +720,7 @@ common.run_cli({module}.main, {module}.build_parser().parse_args(argv))
 """
 
 
-@pytest.mark.parametrize("script", ["train_src", "train_flow", "sample", "fid"])
+@pytest.mark.parametrize("script", ["train_src", "train_flow", "evaluate", "fid"])
 def test_an_error_on_one_rank_ends_the_job_within_seconds(toy, stage1, stage2, script, tmp_path):
     """Rank 1 raises while rank 0 goes on into a collective (DDP's gradient all-reduce, the sweep's feature
     gather, fid's failure check): the job must end with rank 1's one-line error, not wait in a barrier."""
@@ -732,7 +732,7 @@ def test_an_error_on_one_rank_ends_the_job_within_seconds(toy, stage1, stage2, s
     cases = {  # where rank 1 fails: (object, attribute), arguments
         "train_src": ("common.TrainLog", "add", src_args(toy, tmp_path / "s1", ["--grid-every", 0])),
         "train_flow": ("common.TrainLog", "add", flow_args(toy, stage1, tmp_path / "s2", ["--grid-every", 0])),
-        "sample": ("fid", "evaluate", sweep),
+        "evaluate": ("fid", "evaluate", sweep),
         "fid": ("fid.InceptionV3", "features", [toy / "data", toy / "data", "--weights", weights, "--batch-size", 2,
                                                 "--image-size", 0, "--no-progress", "--device", "cpu"]),
     }
