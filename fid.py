@@ -11,8 +11,10 @@ with its PyTorch port's weights (pytorch-fid's, FID_WEIGHTS_URL) in float32, TF3
 
 REF, GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` and/or statistics
 `mu, sigma[, mu_s, sigma_s]`; as in ADM's evaluator, stored statistics give FID and sFID, images
-precision and recall. A folder: every image under it, in ADM's order, brought to --image-size
-by ADM's centre crop, as ADM made its batches.
+precision and recall. A folder: every image under it, in ADM's order. Under `--protocol adm` an
+image is brought to 256 px by ADM's centre crop, as ADM made its reference batches; under
+`pytorch-fid` it is read as stored, as pytorch-fid reads a folder (its top level only; ours also
+reads subfolders). `--image-size S` crops to S px under either, 0: never.
 Protocols: `adm` (TF1's legacy resize, (x - 128) / 128: ADM's, the paper's) or `pytorch-fid`
 (torch's bilinear resize, 2x - 1). `--batch-size` is per rank.
 API (on every rank under torchrun): evaluate(load_features(REF, model), GEN, model, ...).
@@ -44,7 +46,7 @@ from common import (ImageFolder, UserError, atomic_write, cleanup_ddp, error_lin
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 PROTOCOLS = ("adm", "pytorch-fid")
-# folders: ADM's centre crop to 256 px, as its ImageNet 256 reference batches
+# --protocol adm's folders: ADM's centre crop to 256 px, as its ImageNet 256 reference batches
 ADM_IMAGE_SIZE = 256
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 # the input size; the logits (1000 classes + 8 unused), pool_3, sFID's mixed_6/conv[..., :7]
@@ -690,7 +692,11 @@ def main(args):
     workers = args.num_workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else 0
-    image_size = args.image_size or None
+    # --image-size unset: ADM's centre crop to 256 under adm, the images as stored under pytorch-fid
+    image_size = args.image_size
+    if image_size is None and args.protocol == "adm":
+        image_size = ADM_IMAGE_SIZE
+    image_size = image_size or None
 
     # Inputs, checked before the weights are read; the network
     for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
@@ -736,8 +742,9 @@ def build_parser():
                    help="adm: ADM's evaluator, the paper's; pytorch-fid: pytorch-fid's")
     p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
                    help="npz REF: FID from its stored statistics (ADM) or images")
-    p.add_argument("--image-size", type=int, default=ADM_IMAGE_SIZE,
-                   help="folders: ADM's centre crop to this size, 0: none")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="folders: ADM's centre crop to this size, 0: none; unset: "
+                        f"{ADM_IMAGE_SIZE} under adm, none under pytorch-fid")
     p.add_argument("--batch-size", type=int, default=50, help="images per batch, per rank")
     p.add_argument("--device", help="cpu, cuda (this rank's GPU) or cuda:N; unset: cuda if any")
     p.add_argument("--num-workers", type=int,
