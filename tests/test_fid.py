@@ -488,7 +488,7 @@ def test_sources_folder_and_npz_agree(weights, tmp_path):
 
 
 def test_tf32_is_off_inside_feature_extraction_and_restored(monkeypatch):
-    """sample.py --cfg-sweep calls extract_features (and precision_recall) in a process that
+    """evaluate.py --cfg-sweep calls extract_features (and precision_recall) in a process that
     turned TF32 on, as training does: the network and the P/R distances must still run in full
     float32, as TF and the CLI, and the caller's settings come back afterwards. torch >= 2.9 keeps
     TF32 per op, cuDNN conv and CUDA matmul, and its kernels read those settings, so fid.py sets
