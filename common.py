@@ -1,11 +1,13 @@
-"""What train_src.py, train_flow.py and sample.py share; no model lives here.
+"""What the scripts (train_src.py, train_flow.py, sample.py, invert.py, evaluate.py, fid.py)
+share; no model lives here.
 
-In reading order: data (ADM's centre crop, RAE's random crop, ImageFolder, the resumable
-distributed sampler); per-example randomness, drawn for the whole global batch so that N
-processes compute what one does (encoder_noise: the noise of eq. 7 and 8); the torchrun set-up
-and collectives; training helpers (EMA, the LR schedule, RNG state, atomic files, checkpoints,
-TrainLog, grids); the command-line helpers (one-line errors). Images travel as uint8
-(B, 3, S, S) from the loader and become floats in [0, 1] on the device.
+In reading order: data (ADM's centre crop, RAE's random crop, ImageFolder: the one reader of
+image folders, training's and fid.py's; the resumable distributed sampler); per-example
+randomness, drawn for the whole global batch so that N processes compute what one does
+(encoder_noise: the noise of eq. 7 and 8); the torchrun set-up and collectives; training
+helpers (EMA, the LR schedule, RNG state, atomic files, checkpoints, TrainLog, grids); the
+command-line helpers (one-line errors). Images travel as uint8 (B, 3, S, S) from the loader and
+become floats in [0, 1] on the device.
 """
 
 import datetime
@@ -24,15 +26,16 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+# the image files a folder is read for (pytorch-fid's nine, also fid.py's)
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 # RAE's stage-1 crop: the short side to 1.5 x the image size (384 for 256), then a random square
 RAE_RESIZE = 1.5
 
 # Random streams: with the global seed (and a step or image index) each seeds its own generator.
 # a training step's flips, eq. 7/8 noise, label drops and augmentation
 STREAM_STEP = 0
-STREAM_NLL = 1              # sample.py --nll: eq. 8's noise per image and draw
-STREAM_RECON = 2            # sample.py --reconstruct --recon-noise
+STREAM_NLL = 1              # invert.py --nll: eq. 8's noise per image and draw
+STREAM_RECON = 2            # evaluate.py --reconstruct --recon-noise
 STREAM_CROP = 3             # train_src.py --crop random: image i's crop in epoch e
 STREAM_DATA_ORDER = 0xDA7A  # EpochSampler: the permutation of each epoch
 STREAM_CLASSES = 0x5EED     # sample.py --classes random
@@ -75,24 +78,31 @@ def random_crop(pil_image, image_size, seed):
 
 class ImageFolder(torch.utils.data.Dataset):
     """root/<class>/**/<image> as (uint8 (3, S, S), label), labelled by the sorted class folders
-    (torchvision's order); flat=True: any folder of images, label 0. `exclude` leaves out
-    known-bad files. An item is ADM's centre crop; with crop="random", an item asked for by
-    (index, epoch), EpochSampler's key, is RAE's random crop seeded by (seed, STREAM_CROP,
-    epoch, index): the same in any rank or loader worker. Flips are drawn in the training step.
+    (torchvision's order); flat=True: a folder without class folders is one class, label 0;
+    labels=False: every image under root, label 0 (fid.py's REF and GEN). An item is ADM's
+    centre crop to image_size (None: the image as stored, sizes may differ); with
+    crop="random", an item asked for by (index, epoch), EpochSampler's key, is RAE's random crop
+    seeded by (seed, STREAM_CROP, epoch, index): the same in any rank or loader worker. Flips are
+    drawn in the training step. `exclude` leaves out known-bad files; an unreadable image is a
+    one-line UserError naming it, `hint` appended (training_set: --skip-bad-images).
     """
 
-    def __init__(self, root, image_size, exclude=(), flat=False, crop="center", seed=0):
+    def __init__(self, root, image_size, exclude=(), flat=False, crop="center", seed=0,
+                 labels=True, hint=""):
         if not os.path.isdir(root):
             layout = "an ImageFolder (one subfolder per class)"
-            if flat:
+            if flat or not labels:
                 layout = "a folder of images"
             raise FileNotFoundError(f"{root}: no such folder; expected {layout}")
         self.root = root
         self.image_size = image_size
         self.crop = crop
         self.seed = seed
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not self.classes and not flat:
+        self.hint = hint
+        self.classes = []
+        if labels:
+            self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if labels and not self.classes and not flat:
             raise UserError(f"{root}: no class subfolders; expected root/<class>/<image>")
         folders = [os.path.join(root, c) for c in self.classes] or [root]
         self.samples = []
@@ -116,25 +126,28 @@ class ImageFolder(torch.utils.data.Dataset):
                 if self.crop == "random" and epoch is not None:
                     seed = seed_of(self.seed, STREAM_CROP, epoch, i)
                     im = random_crop(im, self.image_size, seed)
-                else:
+                elif self.image_size:
                     im = center_crop_arr(im, self.image_size)
         # PIL raises many types: name the file and the cause in one line
         except Exception as e:
-            raise UserError(f"{path}: unreadable image ({type(e).__name__}: {e}); remove it or "
-                            f"pass --skip-bad-images") from None
+            cause = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            hint = f"; {self.hint}" if self.hint else ""
+            raise UserError(f"{path}: unreadable image ({cause}){hint}") from None
         image = torch.from_numpy(np.asarray(im).copy())
         image = image.permute(2, 0, 1)  # (3, S, S) uint8
         return image, label
 
 
 def image_files(folder):
-    """The image files under folder, recursively, in sorted order (links followed)."""
+    """The image files under folder, recursively (links followed), in ADM's order (its
+    `_list_image_files_recursively`, guided-diffusion's image_datasets.py): each folder's entries
+    sorted by name, a subfolder's images in the place of its name among the files."""
     paths = []
-    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                paths.append(os.path.join(dirpath, name))
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():
+            paths += image_files(entry.path)
+        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            paths.append(entry.path)
     return paths
 
 
@@ -155,7 +168,8 @@ def training_set(args, image_size, rank=0, world=1, crop="center", seed=0):
     """The ImageFolder of --data (crop, seed: see ImageFolder). With --skip-bad-images every
     image is decoded first (split over ranks and loader workers) and the unreadable ones are
     left out, listed by rank 0."""
-    dataset = ImageFolder(args.data, image_size, crop=crop, seed=seed)
+    hint = "remove it or pass --skip-bad-images"
+    dataset = ImageFolder(args.data, image_size, crop=crop, seed=seed, hint=hint)
     if not args.skip_bad_images:
         return dataset
     paths = [p for p, _ in dataset.samples]
@@ -175,7 +189,7 @@ def training_set(args, image_size, rank=0, world=1, crop="center", seed=0):
         more = " ..." if len(bad) > 5 else ""
         listed = ", ".join(bad[:5]) + more
         print(f"skipping {len(bad)} unreadable images: {listed}", file=sys.stderr)
-    return ImageFolder(args.data, image_size, exclude=set(bad), crop=crop, seed=seed)
+    return ImageFolder(args.data, image_size, exclude=set(bad), crop=crop, seed=seed, hint=hint)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -272,8 +286,9 @@ def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_exam
 def setup_ddp(device=None, timeout_min=60, group=False):
     """(rank, world, device). Under torchrun: one process per GPU (nccl) or per CPU slot
     (gloo); without torchrun one process, with a process group of one if `group` (FSDP needs
-    one). device ('cpu', 'cuda') overrides the choice. timeout_min bounds a collective's wait:
-    long enough for rank 0 to write a checkpoint."""
+    one). device ('cpu', 'cuda', 'cuda:N') overrides the choice: 'cuda' is this rank's GPU
+    (LOCAL_RANK), 'cuda:N' GPU N. timeout_min bounds a collective's wait: long enough for rank 0
+    to write a checkpoint."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -283,6 +298,8 @@ def setup_ddp(device=None, timeout_min=60, group=False):
     dev = torch.device("cpu")
     if use_cuda:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if device and torch.device(device).index is not None:
+            dev = torch.device(device)
         torch.cuda.set_device(dev)
     if world > 1:
         timeout = datetime.timedelta(minutes=timeout_min)
@@ -592,13 +609,9 @@ def run_cli(main, args):
     try:
         return main(args)
     except (UserError, ValueError, FileNotFoundError) as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        line = lines[-1]
-        if len(lines) > 1:  # raised in a DataLoader worker: the message is its traceback
-            line = re.sub(r"^[\w.]*(Error|Exception): ", "", line)
         newline = "\n" if rank > 0 else ""  # not glued to rank 0's progress bar
         # tqdm.write: a line of its own even under a progress bar
-        tqdm.write(f"{newline}error: {line}", file=sys.stderr)
+        tqdm.write(f"{newline}error: {error_line(e)}", file=sys.stderr)
         code = 2
     except Exception as e:
         if not distributed:
@@ -614,3 +627,13 @@ def run_cli(main, args):
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def error_line(e):
+    """A user error's one line: its message, or, raised in a DataLoader worker (the message is
+    the worker's traceback), the traceback's last line without the exception's name."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    line = lines[-1]
+    if len(lines) > 1:
+        line = re.sub(r"^[\w.]*(Error|Exception): ", "", line)
+    return line

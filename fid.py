@@ -9,11 +9,19 @@ with its PyTorch port's weights (pytorch-fid's, FID_WEIGHTS_URL) in float32, TF3
     python fid.py --save-stats imagenet_val/ val_stats.npz --weights W  # encode a reference once
     torchrun --nproc_per_node 8 fid.py REF GEN --weights W              # split across GPUs
 
-REF, GEN: a folder of images (centre-cropped to --image-size, as ADM made its batches), or an
-`.npz` of uint8 NHWC images `arr_0` and/or statistics `mu, sigma[, mu_s, sigma_s]`; as in ADM's
-evaluator, stored statistics give FID and sFID, images precision and recall. Protocols: `adm`
-(TF1's legacy resize, (x - 128) / 128: ADM's, the paper's) or `pytorch-fid` (torch's, 2x - 1).
+REF, GEN: a folder of images, or an `.npz` of uint8 NHWC images `arr_0` and/or statistics
+`mu, sigma[, mu_s, sigma_s]`; as in ADM's evaluator, stored statistics give FID and sFID, images
+precision and recall. A folder: every image under it, in ADM's order. Under `--protocol adm` an
+image is brought to 256 px by ADM's centre crop, as ADM made its reference batches; under
+`pytorch-fid` it is read as stored, as pytorch-fid reads a folder (its top level only; ours also
+reads subfolders). `--image-size S` crops to S px under either, 0: never.
+Protocols: `adm` (TF1's legacy resize, (x - 128) / 128: ADM's, the paper's) or `pytorch-fid`
+(torch's bilinear resize, 2x - 1). `--batch-size` is per rank.
 API (on every rank under torchrun): evaluate(load_features(REF, model), GEN, model, ...).
+
+In reading order: the network, the preprocessing and the metrics; then, in marked sections, the
+TF32 switch, the inputs (weights, folders, npz memory maps), feature extraction across ranks,
+evaluation, the command line.
 """
 
 import argparse
@@ -21,26 +29,25 @@ import contextlib
 import math
 import os
 import struct
-import sys
 import warnings
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from common import atomic_write, center_crop_arr, run_cli, save_json
+from common import (ImageFolder, UserError, atomic_write, cleanup_ddp, error_line, run_cli,
+                    save_json, setup_ddp)
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
-IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 PROTOCOLS = ("adm", "pytorch-fid")
+# --protocol adm's folders: ADM's centre crop to 256 px, as its ImageNet 256 reference batches
+ADM_IMAGE_SIZE = 256
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 # the input size; the logits (1000 classes + 8 unused), pool_3, sFID's mixed_6/conv[..., :7]
 INPUT_SIZE = 299
@@ -53,31 +60,6 @@ PR_K = 3
 PR_BLOCK = 10000
 METRIC_NAMES = dict(
     fid="FID", sfid="sFID", inception_score="IS", precision="Precision", recall="Recall")
-# torch >= 2.9 sets TF32 per op (cuDNN conv, CUDA matmul), older torch by allow_tf32 flags
-_PER_OP_TF32 = hasattr(torch.backends.cudnn, "conv")
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    """cuDNN convolutions and CUDA matmuls in full float32 (TF32 off), as TF ran them, then the
-    caller's settings back: the per-op ones ("ieee") where torch has them (there the legacy
-    `cudnn.allow_tf32 = False` only resets conv to "none", which inherits the global setting, and
-    the legacy flags cannot be read once a caller used the per-op API), else the legacy flags."""
-    cudnn = torch.backends.cudnn
-    matmul = torch.backends.cuda.matmul
-    # (object, attribute, its TF32-off value): the convolutions', then the matmuls'
-    if _PER_OP_TF32:
-        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
-    else:
-        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
-    before = [getattr(obj, name) for obj, name, _ in flags]
-    for obj, name, off in flags:
-        setattr(obj, name, off)
-    try:
-        yield
-    finally:
-        for (obj, name, _), value in zip(flags, before):
-            setattr(obj, name, value)
 
 
 # ---- The FID Inception-v3: TF's 2015-12-05 graph under torchvision's module names (the weights
@@ -284,38 +266,6 @@ class InceptionV3(nn.Module):
         return pool, F.linear(pool, self.fc.weight), spatial
 
 
-def load_inception(path, fold=True):
-    """FID Inception weights (torchvision's key names) -> InceptionV3, eval mode, BatchNorms folded
-    unless fold=False. Keys and shapes are checked first: another Inception is refused in a line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found; download {FID_WEIGHTS_URL}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise ValueError(f"{path}: not a torch checkpoint") from None
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise ValueError(f"{path}: not a state dict of tensors")
-    model = InceptionV3()
-    want = model.state_dict()
-    # older PyTorch saved no BatchNorm batch counters: they may be missing
-    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
-    extra = [k for k in sd if k not in want]
-    if missing or extra:
-        aux = any(k.startswith("AuxLogits") for k in extra)
-        hint = " (torchvision's ImageNet Inception?)" if aux else ""
-        keys = f"missing {missing[:3]}, extra {extra[:3]}"
-        raise ValueError(f"{path}: not the FID weights{hint}; {keys}")
-    for k, v in sd.items():
-        if v.shape != want[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not {tuple(want[k].shape)}")
-    model.load_state_dict(sd, strict=False)
-    if fold:
-        for m in model.modules():
-            if isinstance(m, BasicConv2d):
-                m.fold()
-    return model.eval().requires_grad_(False)
-
-
 # ---- Preprocessing: 0..255 images -> the graph's input, by either protocol.
 def preprocess(images, protocol="adm"):
     """Images (B, 3, H, W) valued 0..255 -> (B, 3, 299, 299) in [-1, 1]:
@@ -327,13 +277,6 @@ def preprocess(images, protocol="adm"):
     if protocol != "adm":
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
     return (tf_bilinear_resize(x, INPUT_SIZE) - 128) / 128
-
-
-def _torch_resize(x):
-    """pytorch-fid: [0, 1] -> torch's bilinear resize to 299 (half-pixel centres) -> [-1, 1]."""
-    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        x = F.interpolate(x, size=INPUT_SIZE, mode="bilinear", align_corners=False)
-    return 2 * x - 1
 
 
 def tf_bilinear_resize(images, size):
@@ -363,6 +306,13 @@ def _tf_taps(n_in, n_out, like):
     lo = s.floor().long()
     hi = (lo + 1).clamp(max=n_in - 1)
     return lo.to(like.device), hi.to(like.device), (s - lo).to(like)
+
+
+def _torch_resize(x):
+    """pytorch-fid: [0, 1] -> torch's bilinear resize to 299 (half-pixel centres) -> [-1, 1]."""
+    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = F.interpolate(x, size=INPUT_SIZE, mode="bilinear", align_corners=False)
+    return 2 * x - 1
 
 
 # ---- Metrics: statistics, Fréchet distance, Inception Score, precision and recall.
@@ -432,7 +382,6 @@ def _kth_radii(f, k, block):
     return torch.cat(radii)
 
 
-@_no_tf32()
 def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=None):
     """Improved precision and recall (Kynkäänniemi et al. 2019, as ADM's evaluator), distances in
     float32, TF32 off. A set's manifold is the union of balls around its features, each reaching
@@ -444,51 +393,118 @@ def precision_recall(ref_features, gen_features, k=PR_K, block=PR_BLOCK, device=
         raise ValueError(f"precision_recall: need (N, D) features, got {got}")
     if min(len(ref), len(gen)) <= k:
         raise ValueError(f"precision_recall: need more than k={k} features per set")
-    r_ref = _kth_radii(ref, k, block)
-    r_gen = _kth_radii(gen, k, block)
-    ref_in = torch.zeros_like(r_ref, dtype=torch.bool)
-    gen_in = torch.zeros_like(r_gen, dtype=torch.bool)
-    # a GEN feature is in REF's manifold if in some REF ball, and conversely; d: a block^2 tile
-    for i in range(0, len(ref), block):
-        for j in range(0, len(gen), block):
-            d = _sq_dists(ref[i:i + block], gen[j:j + block])
-            gen_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
-            ref_in[i:i + block] |= (d <= r_gen[None, j:j + block]).any(1)
+    with _no_tf32():
+        r_ref = _kth_radii(ref, k, block)
+        r_gen = _kth_radii(gen, k, block)
+        ref_in = torch.zeros_like(r_ref, dtype=torch.bool)
+        gen_in = torch.zeros_like(r_gen, dtype=torch.bool)
+        # a GEN feature is in REF's manifold if in some REF ball, and conversely; d: a tile
+        for i in range(0, len(ref), block):
+            for j in range(0, len(gen), block):
+                d = _sq_dists(ref[i:i + block], gen[j:j + block])
+                gen_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
+                ref_in[i:i + block] |= (d <= r_gen[None, j:j + block]).any(1)
     return gen_in.double().mean().item(), ref_in.double().mean().item()
 
 
-# ---- Inputs: a folder of images, or an npz of images (`arr_0`) and/or statistics.
-class ImageFiles(torch.utils.data.Dataset):
-    """The images under a folder (recursive, sorted) as uint8 (3, H, W), brought to image_size by
-    ADM's centre crop first, as ADM made its ImageNet reference batches (None: as stored)."""
+# ---- TF32 off: what the network and the P/R distances run under, whatever the caller set.
+# torch >= 2.9 sets TF32 per op (cuDNN conv, CUDA matmul), older torch by allow_tf32 flags
+_PER_OP_TF32 = hasattr(torch.backends.cudnn, "conv")
 
-    def __init__(self, root, image_size=None):
-        files = sorted(Path(root).rglob("*"))
-        self.files = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
-        self.image_size = image_size
-        if not self.files:
-            raise ValueError(f"{root}: no images found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
 
-    def __len__(self):
-        return len(self.files)
+@contextlib.contextmanager
+def _no_tf32():
+    """cuDNN convolutions and CUDA matmuls in full float32 (TF32 off), as TF ran them, then the
+    caller's settings back: the per-op ones ("ieee") where torch has them (there the legacy
+    `cudnn.allow_tf32 = False` only resets conv to "none", which inherits the global setting, and
+    the legacy flags cannot be read once a caller used the per-op API), else the legacy flags."""
+    cudnn = torch.backends.cudnn
+    matmul = torch.backends.cuda.matmul
+    # (object, attribute, its TF32-off value): the convolutions', then the matmuls'
+    if _PER_OP_TF32:
+        flags = [(cudnn.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    else:
+        flags = [(cudnn, "allow_tf32", False), (matmul, "allow_tf32", False)]
+    before = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, off in flags:
+        setattr(obj, name, off)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(flags, before):
+            setattr(obj, name, value)
 
-    def __getitem__(self, i):
-        """Image i, or a one-line error (a string) when it cannot be read: a loader worker passes
-        it on, and every rank stops with it (see extract_features)."""
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert("RGB")
-                if self.image_size:
-                    im = center_crop_arr(im, self.image_size)
-                a = np.array(im)
-        except Exception as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return f"{self.files[i]}: unreadable image ({reason})"
-        return torch.from_numpy(a).permute(2, 0, 1)
+
+# ---- Inputs: the Inception weights; a folder of images, or an npz of images (`arr_0`) and/or
+# statistics, its images memory-mapped.
+def load_inception(path, fold=True):
+    """FID Inception weights (torchvision's key names) -> InceptionV3, eval mode, BatchNorms folded
+    unless fold=False. Keys and shapes are checked first: another Inception is refused in a line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; download {FID_WEIGHTS_URL}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ValueError(f"{path}: not a torch checkpoint") from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    model = InceptionV3()
+    want = model.state_dict()
+    # older PyTorch saved no BatchNorm batch counters: they may be missing
+    missing = [k for k in want if k not in sd and not k.endswith("num_batches_tracked")]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        aux = any(k.startswith("AuxLogits") for k in extra)
+        hint = " (torchvision's ImageNet Inception?)" if aux else ""
+        keys = f"missing {missing[:3]}, extra {extra[:3]}"
+        raise ValueError(f"{path}: not the FID weights{hint}; {keys}")
+    for k, v in sd.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not {tuple(want[k].shape)}")
+    model.load_state_dict(sd, strict=False)
+    if fold:
+        for m in model.modules():
+            if isinstance(m, BasicConv2d):
+                m.fold()
+    return model.eval().requires_grad_(False)
+
+
+def open_source(path, image_size=None):
+    """REF/GEN path -> (a Dataset of (uint8 (3, H, W) image, label) items or None, its stored
+    float64 statistics or None). A folder: common.ImageFolder(labels=False), every image under
+    it in ADM's order, ADM's centre crop to image_size (None: as stored, sizes may differ). An
+    npz holds arr_0 and/or the statistics mu, sigma (FID) and maybe mu_s, sigma_s (sFID), their
+    dimensions checked."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    if os.path.isdir(path):
+        return ImageFolder(path, image_size, labels=False), None
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected a folder of images or an .npz")
+    try:
+        arr = _npz_member(path, "arr_0")
+        with np.load(path) as data:
+            keys = sorted(data.files)
+            stats = {k: data[k].astype(np.float64) for k in STAT_KEYS if k in keys}
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise ValueError(f"{path}: not a readable npz") from None
+    if arr is not None:
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
+            raise ValueError(f"{path}: arr_0 is {arr.dtype} {arr.shape}, not uint8 NHWC RGB")
+    complete = sorted(stats) in (["mu", "sigma"], sorted(STAT_KEYS))
+    if (arr is None and not stats) or (stats and not complete):
+        raise ValueError(f"{path}: expected arr_0 and/or mu, sigma[, mu_s, sigma_s]; found {keys}")
+    for mu, sigma, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
+        if mu in stats and (stats[mu].shape, stats[sigma].shape) != ((d,), (d, d)):
+            got = f"{mu} {stats[mu].shape}, {sigma} {stats[sigma].shape}"
+            raise ValueError(f"{path}: {got}; expected D = {d}")
+    return None if arr is None else ArrayImages(arr), stats or None
 
 
 class ArrayImages(torch.utils.data.Dataset):
-    """uint8 NHWC images from an array, maybe memory-mapped (so read without workers)."""
+    """uint8 NHWC images from an array, maybe memory-mapped (so read without workers), as
+    ImageFolder's items: (uint8 (3, H, W), label 0)."""
 
     def __init__(self, array):
         self.array = array
@@ -497,7 +513,7 @@ class ArrayImages(torch.utils.data.Dataset):
         return len(self.array)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1), 0
 
 
 def _npz_member(path, name):
@@ -535,47 +551,59 @@ def _memmap_npy(path, offset):
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=start)
 
 
-def open_source(path, image_size=None):
-    """REF/GEN path -> (a Dataset of uint8 (3, H, W) images or None, its stored float64 statistics
-    or None). A folder's images are ADM-centre-cropped to image_size. An npz holds arr_0 and/or
-    the statistics mu, sigma (FID) and maybe mu_s, sigma_s (sFID), their dimensions checked."""
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found")
-    if os.path.isdir(path):
-        return ImageFiles(path, image_size), None
-    if not path.endswith(".npz"):
-        raise ValueError(f"{path}: expected a folder of images or an .npz")
+# ---- Feature extraction (in one process or split across torchrun ranks).
+@torch.inference_mode()
+@_no_tf32()
+def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
+                     progress=True, protocol="adm"):
+    """A dataset of (uint8 image, label) items -> pool (N, 2048), logits (N, 1008), spatial
+    (N, 2023): float32 numpy arrays in dataset order, computed with TF32 off whatever the
+    caller's setting. Under torch.distributed each rank encodes one contiguous slice and all get
+    the gathered features; an unreadable image stops every rank with its one line."""
+    ddp = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    device = torch.device(device)
+    n = len(dataset)
+    # rank r encodes images [r * per_rank, (r + 1) * per_rank), per_rank = ceil(n / world)
+    per_rank = -(-n // world)
+    first = min(n, rank * per_rank)
+    part = torch.utils.data.Subset(dataset, range(first, min(n, first + per_rank)))
+    # an array, maybe a memory map, is read in this process
+    if isinstance(dataset, ArrayImages):
+        num_workers = 0
+    loader = torch.utils.data.DataLoader(part, batch_size, num_workers=num_workers,
+                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+    model = model.to(device).to(memory_format=torch.channels_last)
+    outs = []
+    error = ""
     try:
-        arr = _npz_member(path, "arr_0")
-        with np.load(path) as data:
-            keys = sorted(data.files)
-            stats = {k: data[k].astype(np.float64) for k in STAT_KEYS if k in keys}
-    except (zipfile.BadZipFile, OSError, ValueError):
-        raise ValueError(f"{path}: not a readable npz") from None
-    if arr is not None:
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3 or len(arr) == 0:
-            raise ValueError(f"{path}: arr_0 is {arr.dtype} {arr.shape}, not uint8 NHWC RGB")
-    complete = sorted(stats) in (["mu", "sigma"], sorted(STAT_KEYS))
-    if (arr is None and not stats) or (stats and not complete):
-        raise ValueError(f"{path}: expected arr_0 and/or mu, sigma[, mu_s, sigma_s]; found {keys}")
-    for mu, sigma, d in (("mu", "sigma", POOL_DIM), ("mu_s", "sigma_s", SPATIAL_DIM)):
-        if mu in stats and (stats[mu].shape, stats[sigma].shape) != ((d,), (d, d)):
-            got = f"{mu} {stats[mu].shape}, {sigma} {stats[sigma].shape}"
-            raise ValueError(f"{path}: {got}; expected D = {d}")
-    return None if arr is None else ArrayImages(arr), stats or None
+        for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress or rank > 0):
+            # (B, 3, 299, 299), channels-last as the model: cuDNN's faster layout
+            x = [preprocess(t.to(device, non_blocking=True), protocol) for t in batch]
+            x = torch.cat(x).contiguous(memory_format=torch.channels_last)
+            outs.append([f.float() for f in model.features(x)])
+    except UserError as e:
+        # ImageFolder's unreadable image, raised here or in a loader worker: told to every rank
+        error = error_line(e)
+    # a rank may get no images (fewer than ranks) or fail at once: empty features
+    feats = [torch.zeros(0, d, device=device) for d in (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)]
+    if outs:
+        feats = [torch.cat(f) for f in zip(*outs)]
+    if world > 1:
+        feats = _gather(feats, error, per_rank, n)
+    elif error:
+        raise ValueError(error)
+    return tuple(f.cpu().numpy() for f in feats)
 
 
-# ---- Feature extraction (in one process or split across torchrun ranks), evaluation.
 def _collate(items):
-    """uint8 (3, H, W) images -> [one batch], or one batch per image when their sizes differ
-    (each is then resized alone); an error string from ImageFiles is passed on."""
-    for t in items:
-        if isinstance(t, str):
-            return t
-    if len({t.shape for t in items}) == 1:
-        return [torch.stack(items)]
-    return [t[None] for t in items]
+    """(uint8 (3, H, W) image, label) items -> [one batch of images], or one batch per image when
+    their sizes differ (each is then resized alone)."""
+    images = [image for image, _ in items]
+    if len({t.shape for t in images}) == 1:
+        return [torch.stack(images)]
+    return [t[None] for t in images]
 
 
 def _gather(feats, error, per_rank, n):
@@ -596,49 +624,7 @@ def _gather(feats, error, per_rank, n):
     return gathered
 
 
-@torch.inference_mode()
-@_no_tf32()
-def extract_features(model, dataset, batch_size=50, device="cpu", num_workers=0,
-                     progress=True, protocol="adm"):
-    """A dataset of uint8 images -> pool (N, 2048), logits (N, 1008), spatial (N, 2023): float32
-    numpy arrays in dataset order, computed with TF32 off whatever the caller's setting. Under
-    torch.distributed each rank encodes one contiguous slice and all get the gathered features."""
-    ddp = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if ddp else 0
-    world = dist.get_world_size() if ddp else 1
-    device = torch.device(device)
-    n = len(dataset)
-    # rank r encodes images [r * per_rank, (r + 1) * per_rank), per_rank = ceil(n / world)
-    per_rank = -(-n // world)
-    first = min(n, rank * per_rank)
-    part = torch.utils.data.Subset(dataset, range(first, min(n, first + per_rank)))
-    # an array, maybe a memory map, is read in this process
-    if isinstance(dataset, ArrayImages):
-        num_workers = 0
-    loader = torch.utils.data.DataLoader(part, batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
-    model = model.to(device).to(memory_format=torch.channels_last)
-    outs = []
-    error = ""
-    for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress or rank > 0):
-        if isinstance(batch, str):
-            error = batch
-            break
-        # (B, 3, 299, 299), channels-last as the model: cuDNN's faster layout
-        x = [preprocess(t.to(device, non_blocking=True), protocol) for t in batch]
-        x = torch.cat(x).contiguous(memory_format=torch.channels_last)
-        outs.append([f.float() for f in model.features(x)])
-    # a rank may get no images (fewer than ranks) or fail at once: empty features
-    feats = [torch.zeros(0, d, device=device) for d in (POOL_DIM, NUM_CLASSES, SPATIAL_DIM)]
-    if outs:
-        feats = [torch.cat(f) for f in zip(*outs)]
-    if world > 1:
-        feats = _gather(feats, error, per_rank, n)
-    elif error:
-        raise ValueError(error)
-    return tuple(f.cpu().numpy() for f in feats)
-
-
+# ---- Evaluation: features (or stored statistics) of REF and GEN -> the metrics.
 def load_features(source, model=None, protocol="adm", stats="stored", batch_size=50,
                   device="cpu", num_workers=0, progress=True, image_size=None):
     """REF/GEN path -> a dict for `evaluate`, reusable for several GENs: protocol; stats, stats_s,
@@ -693,74 +679,81 @@ def evaluate(ref, gen, model=None, protocol="adm", ref_stats="stored", batch_siz
 
 
 # ---- Command line.
-def main(argv=None):
-    """The command line: returns 0, or 2 after a one-line error on bad input."""
-    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall.")
-    p.add_argument("ref", help="image folder, or npz of arr_0 and/or statistics")
-    p.add_argument("gen", help="the same kinds; with --save-stats, the output .npz")
-    p.add_argument("--weights", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="adm", help="adm: the paper's")
-    p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
-                   help="npz REF: FID from its stored statistics (ADM) or images")
-    p.add_argument("--image-size", type=int, default=256, help="folders: ADM centre crop, 0: none")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--device", help="default: cuda:LOCAL_RANK, else cpu")
-    p.add_argument("--num-workers", type=int, help="default: 0 on CPU, <= 8 on GPU")
-    p.add_argument("--save-stats", action="store_true", help="save REF's statistics as GEN")
-    p.add_argument("--json", help="also write the metrics to this file")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    # under torchrun each rank takes the GPU of its LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    device = args.device or (gpu if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
+def main(args):
+    """GEN's metrics against REF printed (and written to --json), or with --save-stats REF's
+    statistics saved to GEN; every rank under torchrun encodes its share of the images."""
+    if args.batch_size < 1 or (args.num_workers or 0) < 0 or (args.image_size or 0) < 0:
+        raise UserError("--batch-size must be >= 1; --num-workers, --image-size >= 0")
+    # Setup DDP: one process per GPU (nccl) or per CPU slot (gloo) under torchrun
+    rank, _, device = setup_ddp(args.device)
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     workers = args.num_workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if cuda else 0
+    # --image-size unset: ADM's centre crop to 256 under adm, the images as stored under pytorch-fid
+    image_size = args.image_size
+    if image_size is None and args.protocol == "adm":
+        image_size = ADM_IMAGE_SIZE
+    image_size = image_size or None
+
+    # Inputs, checked before the weights are read; the network
+    for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
+        open_source(source)
+    model = load_inception(args.weights)
+
+    # Features and metrics, on every rank
     kw = dict(protocol=args.protocol, batch_size=args.batch_size, device=device,
-              num_workers=workers, progress=not args.no_progress, image_size=args.image_size or None)
-    try:
-        if args.batch_size < 1 or workers < 0 or args.image_size < 0:
-            raise ValueError("--batch-size must be >= 1; --num-workers, --image-size >= 0")
-        # the inputs are checked before the weights are read
-        for source in [args.ref] if args.save_stats else [args.ref, args.gen]:
-            open_source(source)
-        model = load_inception(args.weights)
-        if args.save_stats:
-            feats = load_features(args.ref, model, stats="images", **kw)
-        else:
-            metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
-    except (FileNotFoundError, ValueError) as e:
-        # at once, the process group left as is: torchrun then stops the other ranks
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if world > 1:
-        dist.destroy_process_group()
+              num_workers=workers, progress=not args.no_progress, image_size=image_size)
+    if args.save_stats:
+        feats = load_features(args.ref, model, stats="images", **kw)
+    else:
+        metrics = evaluate(args.ref, args.gen, model, ref_stats=args.ref_stats, **kw)
+    cleanup_ddp()
     if rank != 0:
-        return 0
+        return
+
+    # Rank 0 reports
     if args.save_stats:
         stats = dict(zip(STAT_KEYS, (*feats["stats"], *feats["stats_s"])))
         atomic_write(args.gen, lambda f: np.savez(f, **stats))
-        folder = os.path.isdir(args.ref) and args.image_size
-        crop = f", ADM centre crop to {args.image_size} px" if folder else ""
+        crop = ""
+        if os.path.isdir(args.ref) and image_size:
+            crop = f", ADM centre crop to {image_size} px"
         print(f"saved statistics of {len(feats['pool'])} images{crop} to {args.gen}")
-        return 0
+        return
     for key, name in METRIC_NAMES.items():
         if key in metrics:
             print(f"{name}: {metrics[key]}")
     if args.json:
-        save_json(dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol,
-                       ref_stats=args.ref_stats, folder_image_size=args.image_size), args.json)
-    return 0
+        record = dict(metrics, ref=args.ref, gen=args.gen, protocol=args.protocol,
+                      ref_stats=args.ref_stats, folder_image_size=image_size or 0)
+        save_json(record, args.json)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision, recall (ADM's evaluator).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("ref", help="image folder, or npz of arr_0 and/or statistics")
+    p.add_argument("gen", help="the same kinds; with --save-stats, the output .npz")
+    p.add_argument("--weights", required=True, help="pt_inception-2015-12-05-6726825d.pth")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="adm",
+                   help="adm: ADM's evaluator, the paper's; pytorch-fid: pytorch-fid's")
+    p.add_argument("--ref-stats", choices=("stored", "images"), default="stored",
+                   help="npz REF: FID from its stored statistics (ADM) or images")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="folders: ADM's centre crop to this size, 0: none; unset: "
+                        f"{ADM_IMAGE_SIZE} under adm, none under pytorch-fid")
+    p.add_argument("--batch-size", type=int, default=50, help="images per batch, per rank")
+    p.add_argument("--device", help="cpu, cuda (this rank's GPU) or cuda:N; unset: cuda if any")
+    p.add_argument("--num-workers", type=int,
+                   help="loader workers per rank; unset: 0 on CPU, min(8, cores) on GPU")
+    p.add_argument("--save-stats", action="store_true", help="save REF's statistics as GEN")
+    p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 if __name__ == "__main__":
-    # run_cli: under torchrun, a rank that only lost its peer says so in one line
-    sys.exit(run_cli(main, None))
+    run_cli(main, build_parser().parse_args())

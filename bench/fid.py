@@ -28,6 +28,7 @@ from torchvision.models import inception as tvi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fid  # noqa: E402
+from common import ImageFolder  # noqa: E402
 
 
 # The FID graph's blocks as patches of torchvision's: TF's average pools skip the padding, and
@@ -138,7 +139,7 @@ def main():
             Image.fromarray(pixels).save(files[-1])
 
         ours = fid.load_inception(weights)
-        dataset = fid.ImageFiles(tmp)
+        dataset = ImageFolder(tmp, None, labels=False)          # as stored: fid.py's folder reader
         t_ours, (pool_ours, _, _) = timed(lambda: fid.extract_features(
             ours, dataset, args.batch_size, device, num_workers=0, progress=False, protocol="pytorch-fid"),
             args.repeats)

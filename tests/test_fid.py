@@ -18,7 +18,9 @@ from PIL import Image
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
+import common
 import fid
+from common import ImageFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -452,8 +454,8 @@ def zero_cov_fd_bounds(mu1, sigma1, mu2, eps=1e-6):
 def test_sources_folder_and_npz_agree(weights, tmp_path):
     _, path = weights
     folder = write_pngs(tmp_path / "imgs", 3, seed=1)
-    ds = fid.ImageFiles(folder)
-    arr = np.stack([np.asarray(Image.open(f)) for f in ds.files])
+    ds = ImageFolder(folder, None, labels=False)
+    arr = np.stack([np.asarray(Image.open(f)) for f, _ in ds.samples])
     np.savez(tmp_path / "imgs.npz", arr_0=arr)              # stored: read by memory map
     np.savez_compressed(tmp_path / "imgs_c.npz", arr_0=arr)  # deflated: loaded
     model = fid.load_inception(path)
@@ -470,11 +472,11 @@ def test_sources_folder_and_npz_agree(weights, tmp_path):
         assert got.shape == (3, dim) and rel_err(torch.from_numpy(got), want) < 1e-5
     # Images of different sizes in one batch: each is preprocessed alone, same features.
     Image.fromarray(arr[0, :20]).save(folder / "b" / "short.png")
-    mixed = fid.ImageFiles(folder)
+    mixed = ImageFolder(folder, None, labels=False)
     pool, _, _ = fid.extract_features(model, mixed, batch_size=4, progress=False)
     with torch.inference_mode():
         one = model.features(fid.preprocess(torch.from_numpy(arr[0, :20].copy()).permute(2, 0, 1)[None]))[0]
-    k = mixed.files.index(folder / "b" / "short.png")
+    k = [f for f, _ in mixed.samples].index(str(folder / "b" / "short.png"))
     assert rel_err(torch.from_numpy(pool[k:k + 1]), one) < 1e-5
     assert rel_err(torch.from_numpy(np.delete(pool, k, 0)), torch.from_numpy(feats[0][0])) < 1e-5
     # An npz of statistics only.
@@ -486,7 +488,7 @@ def test_sources_folder_and_npz_agree(weights, tmp_path):
 
 
 def test_tf32_is_off_inside_feature_extraction_and_restored(monkeypatch):
-    """sample.py --cfg-sweep calls extract_features (and precision_recall) in a process that
+    """evaluate.py --cfg-sweep calls extract_features (and precision_recall) in a process that
     turned TF32 on, as training does: the network and the P/R distances must still run in full
     float32, as TF and the CLI, and the caller's settings come back afterwards. torch >= 2.9 keeps
     TF32 per op, cuDNN conv and CUDA matmul, and its kernels read those settings, so fid.py sets
@@ -559,7 +561,8 @@ def test_adm_reference_batch_uses_stored_statistics(sparse_weights, tmp_path):
     sigma_s = np.diag(rng.uniform(0.5, 2, 2023))
     np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=arr, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     gen = fid.load_features(write_pngs(tmp_path / "gen", 4, seed=8, high=120), model, progress=False)
-    pool, spatial = gen["pool"], fid.extract_features(model, fid.ImageFiles(tmp_path / "gen"), progress=False)[2]
+    pool = gen["pool"]
+    spatial = fid.extract_features(model, ImageFolder(tmp_path / "gen", None, labels=False), progress=False)[2]
     assert not spatial.any()                                 # see sparse_weights
     mu_g, sigma_g = fid.statistics(pool)
     ref = fid.load_features(tmp_path / "VIRTUAL_ref.npz", model, progress=False)   # extracted once, reused
@@ -589,8 +592,8 @@ def test_cli_equals_api(weights, tmp_path):
     cli = run_cli(ref, gen, "--weights", path, "--batch-size", "4", "--json", tmp_path / "m.json", "--image-size",
                   "0", wait=False)                          # the API side runs meanwhile
     model = fid.load_inception(path)
-    pr, lr, sr = fid.extract_features(model, fid.ImageFiles(ref), batch_size=4, progress=False)
-    pg, lg, sg = fid.extract_features(model, fid.ImageFiles(gen), batch_size=4, progress=False)
+    pr, lr, sr = fid.extract_features(model, ImageFolder(ref, None, labels=False), batch_size=4, progress=False)
+    pg, lg, sg = fid.extract_features(model, ImageFolder(gen, None, labels=False), batch_size=4, progress=False)
     bounds = {}
     for key, f_ref, f_gen in (("FID", pr, pg), ("sFID", sr, sg)):
         (mu_r, sigma_r), (mu_g, sigma_g) = fid.statistics(f_ref), fid.statistics(f_gen)
@@ -619,7 +622,8 @@ def test_torchrun_split_gathers_the_same_statistics(weights, tmp_path):
     with np.load(tmp_path / "s.npz") as saved:
         assert sorted(saved.files) == ["mu", "mu_s", "sigma", "sigma_s"]
         saved = dict(saved)
-    pool, _, spatial = fid.extract_features(fid.load_inception(path), fid.ImageFiles(folder), progress=False)
+    pool, _, spatial = fid.extract_features(fid.load_inception(path), ImageFolder(folder, None, labels=False),
+                                            progress=False)
     for features, names in ((pool, ("mu", "sigma")), (spatial, ("mu_s", "sigma_s"))):
         (mu, sigma), (mu1, sigma1) = (saved[k] for k in names), fid.statistics(features)
         # Same features up to float32 summation order (1 thread per rank here).
@@ -631,7 +635,7 @@ def test_torchrun_split_gathers_the_same_statistics(weights, tmp_path):
 
 def test_folders_are_adm_centre_cropped_by_default(weights, tmp_path):
     """ADM made its reference batches with its centre crop (box halving, bicubic resize, centre square): a folder
-    of raw photos is read the same way by default (--image-size 256), as stored with --image-size 0."""
+    of raw photos is read the same way by default under --protocol adm (256 px), as stored with --image-size 0."""
     from common import center_crop_arr
     _, path = weights
     rng = np.random.default_rng(9)
@@ -639,11 +643,11 @@ def test_folders_are_adm_centre_cropped_by_default(weights, tmp_path):
     shapes = [(300, 540), (600, 280)]                        # (H, W): landscape and portrait, one >= 2x 256
     for i, (h, w) in enumerate(shapes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "raw" / f"{i}.png")
-    files = fid.ImageFiles(tmp_path / "raw", image_size=256)
+    files = ImageFolder(tmp_path / "raw", 256, labels=False)
     for i in range(2):
-        want = np.asarray(center_crop_arr(Image.open(files.files[i]).convert("RGB"), 256))
-        assert want.shape == (256, 256, 3) and np.array_equal(files[i].permute(1, 2, 0).numpy(), want)
-        assert tuple(fid.ImageFiles(tmp_path / "raw")[i].shape[1:]) == shapes[i]   # as stored
+        want = np.asarray(center_crop_arr(Image.open(files.samples[i][0]).convert("RGB"), 256))
+        assert want.shape == (256, 256, 3) and np.array_equal(files[i][0].permute(1, 2, 0).numpy(), want)
+        assert tuple(ImageFolder(tmp_path / "raw", None, labels=False)[i][0].shape[1:]) == shapes[i]   # as stored
     out = run_cli("--save-stats", tmp_path / "raw", tmp_path / "s.npz", "--weights", path, "--batch-size", "2")
     assert out.returncode == 0 and "2 images, ADM centre crop to 256 px" in out.stdout, out.stderr
     model = fid.load_inception(path)
@@ -651,6 +655,33 @@ def test_folders_are_adm_centre_cropped_by_default(weights, tmp_path):
     with np.load(tmp_path / "s.npz") as saved:
         assert np.allclose(saved["mu"], pool.mean(0), rtol=1e-5, atol=1e-6 * np.abs(pool).max())
         assert np.allclose(saved["mu_s"], spatial.mean(0), rtol=1e-5, atol=1e-6 * np.abs(spatial).max())
+
+
+def test_pytorch_fid_protocol_cli_equals_calculate_fid_given_paths(sparse_weights, tmp_path, monkeypatch):
+    """`fid.py A B --weights W --protocol pytorch-fid` as a user types it (no --image-size), on two folders of
+    64x64 PNGs, is pytorch-fid's own number: its calculate_fid_given_paths with the same weights (a folder's
+    top-level images, sorted, each as stored: ToTensor, bilinear resize to 299, 2x - 1). The adm protocol's
+    centre crop to 256 px, applied here, would move it by far more than the agreement."""
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    import pytorch_fid.inception
+    sd = torch.load(sparse_weights)
+    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: sd)
+    rng = np.random.default_rng(12)
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder, high in zip(folders, (256, 120)):            # pytorch-fid reads a folder's top level only
+        folder.mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, high, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    theirs = fid_score.calculate_fid_given_paths([str(f) for f in folders], batch_size=50, device="cpu",
+                                                 dims=2048, num_workers=0)
+    found = {}
+    for extra in ([], ["--image-size", "256"]):
+        out = run_cli(*folders, "--weights", sparse_weights, "--protocol", "pytorch-fid", *extra)
+        assert out.returncode == 0, out.stderr
+        found[len(extra)] = float(dict(line.split(": ") for line in out.stdout.strip().splitlines())["FID"])
+    # float32 features of two implementations (here 4e-6 apart); the crop moves the FID by 38%
+    assert found[0] == pytest.approx(theirs, rel=1e-4) and theirs > 1e-4
+    assert abs(found[2] - theirs) > 0.1 * theirs, (found, theirs)
 
 
 def test_load_inception_accepts_missing_batch_counters_and_refuses_others(weights, tmp_path):
@@ -696,7 +727,10 @@ def test_errors_are_one_line(weights, tmp_path, capsys):
         (["--save-stats", tmp_path / "stats.npz", tmp_path / "out.npz", "--weights", path], "stats.npz: holds only"),
     ]
     for args, needle in cases:
-        assert fid.main([str(a) for a in args] + ["--no-progress"]) == 2
+        argv = [str(a) for a in args] + ["--no-progress"]
+        with pytest.raises(SystemExit) as stop:                 # fid.py's __main__: run_cli exits 2
+            common.run_cli(fid.main, fid.build_parser().parse_args(argv))
+        assert stop.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
     with pytest.raises(ValueError, match="protocol"):

@@ -714,8 +714,6 @@ def fail(*args, **kwargs):
 
 setattr(owner, {name!r}, fail)
 argv = {argv!r}
-if {module!r} == "fid":  # as fid.py's __main__
-    sys.exit(common.run_cli(fid.main, argv))
 common.run_cli({module}.main, {module}.build_parser().parse_args(argv))
 """
 
