@@ -271,15 +271,36 @@ def global_rand(gen, global_batch, shape, rank, world, device, normal=False):
     return values[rank::world]
 
 
-def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, per_example):
-    """eps of eq. 7 and 8, added to the raw encoder output E(x), for this rank's rows: sigma *
-    N(0, I), sigma constant (eq. 8) or ~ U(0, sigma) per example (eq. 7). The one place it is drawn.
-    """
-    scale = torch.full((global_batch,), float(sigma), device=device)[rank::world]
-    if per_example:
-        scale = global_rand(gen, global_batch, (), rank, world, device) * sigma
+def constant_scale(gen, global_batch, rank, world, device, sigma):
+    """Eq. 8: the same sigma for every example (nothing drawn)."""
+    return torch.full((global_batch,), float(sigma), device=device)[rank::world]
+
+
+def uniform_scale(gen, global_batch, rank, world, device, sigma):
+    """Eq. 7: sigma_i ~ U(0, sigma) per example (RAE's noise augmentation)."""
+    return global_rand(gen, global_batch, (), rank, world, device) * sigma
+
+
+# The noise modes: name -> this rank's per-example scale of eps. The one list: train_flow.py's
+# --noise-mode choices, the mode a checkpoint records, and the modes invert.py's NLL accepts
+# (a fork adds its distribution here).
+NOISE_MODES = {"constant": constant_scale, "per-example": uniform_scale}
+
+
+def encoder_noise(gen, global_batch, shape, rank, world, device, sigma, mode):
+    """eps of eq. 7 and 8, added to the raw encoder output E(x), for this rank's rows:
+    scale * N(0, I), the scale per example from NOISE_MODES[mode]. The one place it is drawn."""
+    scale = NOISE_MODES[mode](gen, global_batch, rank, world, device, sigma)
     eps = global_rand(gen, global_batch, shape, rank, world, device, normal=True)
     return scale.view(-1, *[1] * len(shape)) * eps
+
+
+def check_noise_mode(mode, where):
+    """A recorded or given noise mode this code knows, or a one-line error naming `where`."""
+    if mode not in NOISE_MODES:
+        raise UserError(f"{where}: noise mode {mode!r} is unknown to this code "
+                        f"(it knows {', '.join(NOISE_MODES)})")
+    return mode
 
 
 # ---- torchrun
@@ -456,22 +477,86 @@ def load_checkpoint(path, stage):
     return ckpt
 
 
-def resume_checkpoint(args, ckpt_path, stage, kept):
-    """The checkpoint a --resume run continues (None without --resume), refused when one of the
-    `kept` arguments differs; without --resume an existing checkpoint is refused."""
+# Flags that steer how a run goes, not what it trains: free to change on --resume. Paths to
+# weights may move: what was read from them is compared by check_built (E's and D's
+# fingerprints). The optimiser's schedule may change too (nanoGPT's rule: the model is forced,
+# the optimisation is not), with a note. Every other flag must be what that run was given.
+RUN_CONTROL = ("resume", "out", "max_steps", "log_every", "ckpt_every", "grid_every",
+               "sample_cfg", "num_workers", "device", "dist_timeout", "skip_bad_images",
+               "compile", "checkpoint_activations", "encoder", "decoder", "lpips_vgg",
+               "lpips_lin", "disc_encoder")
+RETUNABLE = ("lr", "min_lr", "warmup_epochs", "decay_start_epoch", "grad_clip", "ema_decay")
+
+
+def resume_checkpoint(args, ckpt_path, stage, parser):
+    """The checkpoint a --resume run continues (None without --resume), refused with one line if
+    a flag outside RUN_CONTROL and RETUNABLE differs from that run's (a RETUNABLE one is noted);
+    a flag its record lacks (an option added since) counts as the parser's default. Without
+    --resume an existing checkpoint is refused."""
     if not args.resume:
         if os.path.exists(ckpt_path):
             raise UserError(f"{ckpt_path} exists; pass --resume to continue it, or another --out")
         return None
     ckpt = load_checkpoint(ckpt_path, stage)
-    changed = {}
-    for key in kept:
-        if ckpt["args"].get(key) != getattr(args, key):
-            changed[key] = (ckpt["args"].get(key), getattr(args, key))
+    given = vars(args)
+    changed = []
+    retuned = []
+    for key in sorted(set(given) | set(ckpt["args"])):
+        flag = "--" + key.replace("_", "-")
+        if key in RUN_CONTROL:
+            continue
+        if key not in given:
+            changed.append(f"{flag} {ckpt['args'][key]!r} in that run is unknown to this code")
+            continue
+        was = ckpt["args"].get(key, parser.get_default(key))
+        if was == given[key]:
+            continue
+        if key in RETUNABLE:
+            retuned.append(f"{flag} {was!r} -> {given[key]!r}")
+        else:
+            changed.append(f"{flag} was {was!r} in that run, {given[key]!r} now")
     if changed:
-        raise UserError(f"--resume {ckpt_path}: arguments differ from that run's (was, now): "
-                        f"{changed}")
+        raise UserError(f"--resume {ckpt_path}: " + "; ".join(changed))
+    if retuned and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: --resume with a new schedule: {', '.join(retuned)}", file=sys.stderr)
     return ckpt
+
+
+def check_built(ckpt_path, what, recorded, built):
+    """Refuse to resume into a model that is not the one saved: `recorded` and `built` (configs:
+    nested dicts, lists and numbers) must be equal; one line names the first key that differs."""
+    difference = first_difference(recorded, built, what)
+    if difference is not None:
+        key, was, now = difference
+        raise UserError(f"--resume {ckpt_path}: {key} was {short(was)} in that run, "
+                        f"{short(now)} as built now")
+
+
+def first_difference(a, b, key):
+    """(key path, a's value, b's value) where a and b first differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if k not in a or k not in b:
+                return f"{key}.{k}", a.get(k, "(absent)"), b.get(k, "(absent)")
+            difference = first_difference(a[k], b[k], f"{key}.{k}")
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            difference = first_difference(x, y, f"{key}[{i}]")
+            if difference is not None:
+                return difference
+        return None
+    if a != b:
+        return key, a, b
+    return None
+
+
+def short(value, limit=60):
+    """repr(value), cut to `limit` characters (a token order is 256 numbers)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class TrainLog:

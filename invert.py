@@ -75,7 +75,8 @@ def evaluate_nll(flow, record, stage1, args, job):
     data, n, batches = sample.folder_batches(args.nll, stage1.image_size, args, job)
     uncond = args.uncond or not flow.num_classes
     labels = folder_labels(data, n, flow, args, "--nll")
-    mode = record["noise_mode"]
+    # the noise the flow was trained with (eq. 8): a mode this code knows, or an error
+    mode = common.check_noise_mode(record["noise_mode"], where=f"{args.ckpt} (its noise_mode)")
     sigma = float(record["noise_std"])
     draws = args.nll_draws
 
@@ -93,8 +94,7 @@ def evaluate_nll(flow, record, stage1, args, job):
         noisy = 0
         for k in range(draws):
             eps = sample.encoder_noise_of(args.seed, idx, z_raw.shape[1:], sigma=sigma,
-                                          per_example=mode == "per-example",
-                                          stream=(common.STREAM_NLL, k))
+                                          mode=mode, stream=(common.STREAM_NLL, k))
             noisy = noisy + bits(stage1.compact(z_raw, eps.to(x)), y)
         noisy = noisy / draws
         rows.extend(zip(idx.tolist(), clean.tolist(), noisy.tolist()))

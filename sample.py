@@ -263,7 +263,7 @@ def folder_batches(folder, image_size, args, job):
     return data, n, batches()
 
 
-def encoder_noise_of(seed, indices, shape, sigma, per_example=False, stream=()):
+def encoder_noise_of(seed, indices, shape, sigma, mode="constant", stream=()):
     """eps of eq. 8 for each global image index i, seeded by (seed, i, *stream): the NLL and the
     reconstructions do not depend on ranks or batch sizes."""
     noise = []
@@ -271,7 +271,7 @@ def encoder_noise_of(seed, indices, shape, sigma, per_example=False, stream=()):
         gen = torch.Generator().manual_seed(common.seed_of(seed, i, *stream))
         # a batch of one on one rank: common.encoder_noise, the draw of the training step
         eps = common.encoder_noise(gen, global_batch=1, shape=shape, rank=0, world=1,
-                                   device="cpu", sigma=sigma, per_example=per_example)
+                                   device="cpu", sigma=sigma, mode=mode)
         noise.append(eps)
     return torch.cat(noise)
 

@@ -34,11 +34,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 from common import UserError
+from rae import fingerprint
 from src import load_stage1
 from tarflow import SIZES, TARFlow, bits_per_dim, nll_per_dim
 
-RESUME_KEPT = ("data", "stage1", "model", "batch_size", "epochs", "seed", "noise_std",
-               "noise_mode", "label_drop", "unconditional")
 GRID_SAMPLES = 8
 
 
@@ -114,7 +113,7 @@ def step_randomness(args, step, raw_shape, rank, world, device):
         world=world,
         device=device,
         sigma=args.noise_std,
-        per_example=args.noise_mode == "per-example",
+        mode=args.noise_mode,
     )
     drop = common.global_rand(gen, B, (), rank, world, device) < args.label_drop
     return flip, eps, drop
@@ -130,13 +129,13 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    resume = common.resume_checkpoint(args, ckpt_path, "flow", RESUME_KEPT)
-    if resume is not None and bool(resume["args"].get("fsdp")) != args.fsdp:
-        raise UserError(f"--resume {ckpt_path}: resume it with the --fsdp setting it was made with")
+    resume = common.resume_checkpoint(args, ckpt_path, "flow", build_parser())
 
     # The frozen stage 1: E, the RAE statistics, C_enc and norm2 (eq. 8)
     stage1 = load_stage1(args.stage1, device, encoder=args.encoder, decoder=args.decoder)
     image_size = stage1.image_size
+    # what z_c is made with: E, D, the statistics, C and norm2 (a resumed run needs the same)
+    stage1_print = fingerprint(stage1)
     # (N, n): the shape of E(x), of eq. 8's noise
     raw_shape = (stage1.rae.decoder.num_patches, stage1.rae.encoder.embed_dim)
 
@@ -158,6 +157,10 @@ def main(args):
 
     # Create the flow, its EMA and the optimiser; resume, then free what was read
     flow, ema, opt = build_flow(args, stage1, num_classes, device)
+    if resume is not None:  # the flow and the stage 1 that the checkpoint holds, or an error
+        common.check_built(ckpt_path, "flow_kind", resume["flow_kind"], TARFlow.__name__)
+        common.check_built(ckpt_path, "flow_config", resume["flow_config"], flow.config())
+        common.check_built(ckpt_path, "stage1", resume["stage1_fingerprint"], stage1_print)
     step = restore(resume, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
     resumed = resume is not None
     # the checkpoint's mapping is released once nothing refers to it
@@ -255,8 +258,8 @@ def main(args):
                 states = gather_states(flow, ema=ema, opt=opt, fsdp=args.fsdp)
                 log.save(step, lambda: checkpoint_record(
                     args, step=step, flow=flow, states=states, num_classes=num_classes,
-                    image_size=image_size, precision=precision, world=world,
-                    steps_per_epoch=steps_per_epoch))
+                    image_size=image_size, stage1_print=stage1_print, precision=precision,
+                    world=world, steps_per_epoch=steps_per_epoch))
             if step >= stop:
                 break
     log.bar.close()
@@ -310,11 +313,12 @@ def gather_states(flow, ema, opt, fsdp):
     return flow_state, ema_state, opt_state
 
 
-def checkpoint_record(args, step, flow, states, num_classes, image_size, precision, world,
-                      steps_per_epoch):
+def checkpoint_record(args, step, flow, states, num_classes, image_size, stage1_print, precision,
+                      world, steps_per_epoch):
     """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
     reloads exactly what it saved, or fails loudly), its weights, the EMA's and the optimizer's
-    (`states`, from gather_states), RNG, and the stage-1 record sample.py needs."""
+    (`states`, from gather_states), RNG, and the stage-1 record sample.py needs (its path, the
+    fingerprint of its weights and statistics, its noise)."""
     return dict(
         stage="flow",
         args=vars(args),
@@ -328,6 +332,7 @@ def checkpoint_record(args, step, flow, states, num_classes, image_size, precisi
         optimizer=states[2],
         rng=common.capture_rng(),
         stage1=os.path.abspath(args.stage1),
+        stage1_fingerprint=stage1_print,
         noise_std=args.noise_std,
         noise_mode=args.noise_mode,
         num_classes=num_classes,
@@ -378,7 +383,7 @@ def build_parser():
     p.add_argument("--min-lr", type=float, default=1e-6, help="lr at the cosine's end")
     p.add_argument("--decay-start-epoch", type=float, default=None, help="default: epochs / 2")
     p.add_argument("--noise-std", type=float, default=0.4, help="sigma_flow of eq. 8 (0: none)")
-    p.add_argument("--noise-mode", choices=["constant", "per-example"], default="constant",
+    p.add_argument("--noise-mode", choices=list(common.NOISE_MODES), default="constant",
                    help="constant sigma_flow (the paper) or ~ U(0, sigma_flow) per image")
     p.add_argument("--label-drop", type=float, default=0.1, help="null-label rate (for CFG)")
     p.add_argument("--unconditional", action="store_true", help="train without labels")

@@ -36,8 +36,6 @@ from common import UserError
 from rae import RAE, STATS_EPS, RAEDecoder, fingerprint, load_dinov2, load_rae_decoder
 from src import COMPRESSORS, Stage1
 
-RESUME_KEPT = ("data", "encoder", "decoder", "train_decoder", "image_size", "compressor",
-               "src_dim", "src_depth", "batch_size", "epochs", "seed", "noise_max", "disc")
 LOG_KEYS = ("loss", "l1", "lpips", "gan", "adaptive_weight", "disc_loss", "grad_norm")
 # training images shown above their EMA reconstructions in recon/*.png
 GRID_IMAGES = 8
@@ -179,7 +177,7 @@ def step_randomness(args, step, raw_shape, rank, world, device):
         world=world,
         device=device,
         sigma=args.noise_max,
-        per_example=True,
+        mode="per-example",
     )
     aug_draws = []
     for _ in range(3):
@@ -248,7 +246,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    resume = common.resume_checkpoint(args, ckpt_path, "src", RESUME_KEPT)
+    resume = common.resume_checkpoint(args, ckpt_path, "src", build_parser())
 
     # Setup data
     dataset = common.training_set(args, args.image_size, rank, world, crop=args.crop,

@@ -81,7 +81,7 @@ def flow_step_fn(args, device, precision, compile_, gan=None):
     raw_shape = (model_rae.decoder.num_patches, args.encoder_width)
 
     def step():
-        eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.4, per_example=False)
+        eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.4, mode="constant")
         with common.autocast(device, precision):
             with torch.no_grad():
                 z_c = stage1.encode(x, eps)  # eq. 8
@@ -108,7 +108,7 @@ def src_step_fn(args, device, precision, compile_, gan="off"):
     aug_draws = torch.rand(args.batch, 5, device=device)
 
     def step():
-        eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.8, per_example=True)
+        eps = common.encoder_noise(gen, args.batch, raw_shape, 0, 1, device, 0.8, mode="per-example")
         with common.autocast(device, precision):
             with torch.no_grad():
                 z_raw = model_rae.encode_raw(x).float()

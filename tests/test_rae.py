@@ -664,7 +664,8 @@ def test_encoder_noise_constant_and_per_example(tiny_rae):
         noise = {}
         for per_example in (False, True):
             gen = common.step_generator(0, 0, 0, "cpu")
-            eps = common.encoder_noise(gen, 8, tuple(clean.shape[1:]), 0, 1, "cpu", 0.4, per_example)
+            mode = "per-example" if per_example else "constant"
+            eps = common.encoder_noise(gen, 8, tuple(clean.shape[1:]), 0, 1, "cpu", 0.4, mode)
             noise[per_example] = m.denormalize(m.normalize(clean + eps)) - clean
             assert torch.allclose(noise[per_example], eps, atol=1e-5)
         assert torch.equal(m.encode(x), m.normalize(clean))

@@ -671,10 +671,10 @@ def test_per_example_noise_distribution_is_fixed_per_global_example():
     """--noise-mode per-example: sigma_i ~ U(0, sigma_flow) per image, then eps_i = sigma_i * N(0, I); drawn for the
     global batch from the step's generator, so the ranks' rows together are exactly one process's draw."""
     from scipy import stats
-    B, shape = 400, (16, 32)
-    full = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, True)
+    B, shape, mode = 400, (16, 32), "per-example"
+    full = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, mode)
     for world in (2, 4):
-        parts = [common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, r, world, "cpu", 0.4, True)
+        parts = [common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, r, world, "cpu", 0.4, mode)
                  for r in range(world)]
         for r, part in enumerate(parts):
             assert torch.equal(part, full[r::world])
@@ -683,7 +683,7 @@ def test_per_example_noise_distribution_is_fixed_per_global_example():
     assert stats.kstest(sigma / 0.4, "uniform").pvalue > 1e-3
     z = (full / full.std(dim=(1, 2), keepdim=True)).flatten().numpy()
     assert abs(z.mean()) < 0.01 and stats.kstest(z[:20000], "norm").pvalue > 1e-3
-    const = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, False)
+    const = common.encoder_noise(common.step_generator(3, 7, 0, "cpu"), B, shape, 0, 1, "cpu", 0.4, "constant")
     assert (const.std(dim=(1, 2)) - 0.4).abs().max() < 0.05
 
 
