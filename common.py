@@ -542,7 +542,8 @@ def first_difference(a, b, key):
             if difference is not None:
                 return difference
         return None
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+    # a list of lists (token orders) is compared item by item, a list of numbers whole
+    if nested_list(a) and nested_list(b) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
             difference = first_difference(x, y, f"{key}[{i}]")
             if difference is not None:
@@ -551,6 +552,13 @@ def first_difference(a, b, key):
     if a != b:
         return key, a, b
     return None
+
+
+def nested_list(value):
+    """A list or tuple of containers."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    return all(isinstance(x, (dict, list, tuple)) for x in value)
 
 
 def short(value, limit=60):

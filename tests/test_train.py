@@ -788,3 +788,93 @@ def test_fsdp_matches_one_process_resumes_exactly_and_samples(toy, stage1, stage
     record = [json.loads(line) for line in open(toy / "s2fb" / "log.jsonl")][-1]
     assert math.isfinite(record["loss"]) and abs(record["loss"] - json.loads(
         open(toy / "s2" / "log.jsonl").readlines()[1])["loss"]) < 0.05
+
+
+# -----------------------------------------------------------------------------
+# Fork safety: --resume continues what was built, or refuses in one line; noise modes are one list
+
+def test_flow_resume_refuses_a_changed_setting_or_build_and_defaults_a_new_flag(toy, stage1, capsys, monkeypatch):
+    """--resume compares every flag but the run controls with the checkpoint's, then the rebuilt flow's config()
+    (token orders included) and stage 1's fingerprint with the recorded ones: a difference is one line naming the
+    key, the recorded value and the given one. A flag the record lacks (an option added since) takes its default."""
+    import tarflow
+    out = toy / "s2fork"
+    assert cli(train_flow, flow_args(toy, stage1, out, ["--max-steps", 2, "--grid-every", 0]), capsys)[0] == 0
+    code, err = cli(train_flow, flow_args(toy, stage1, out, ["--resume", "--noise-std", 0.2]), capsys)
+    assert code == 2 and "--noise-std was 0.4 in that run, 0.2 now" in err and len(err.splitlines()) == 1
+    code, err = cli(train_flow, flow_args(toy, stage1, out, ["--resume", "--noise-mode", "per-example"]), capsys)
+    assert code == 2 and "--noise-mode was 'constant' in that run, 'per-example' now" in err
+
+    class TARFlow(tarflow.TARFlow):  # a fork whose default token orders start reversed
+        def __init__(self, in_channels, num_tokens, **kw):
+            natural = list(range(num_tokens))
+            orders = [natural[::-1] if k % 2 == 0 else natural for k in range(len(kw["depths"]))]
+            super().__init__(in_channels, num_tokens, permutations=orders, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_flow, "TARFlow", TARFlow)
+        code, err = cli(train_flow, flow_args(toy, stage1, out, ["--resume", "--grid-every", 0]), capsys)
+    assert code == 2 and "flow_config.permutations[0] was [0, 1, 2, 3] in that run, [3, 2, 1, 0]" in err, err
+
+    # an option the record lacks resumes with its default; one this code lacks is refused
+    ckpt = load(out / "checkpoint.pt")
+    del ckpt["args"]["label_drop"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    resumed = flow_args(toy, stage1, out, ["--resume", "--max-steps", 3, "--grid-every", 0, "--lr", 2e-4])
+    code, err = cli(train_flow, resumed, capsys)
+    assert code == 0 and "note: --resume with a new schedule: --lr 0.0001 -> 0.0002" in err
+    assert load(out / "checkpoint.pt")["step"] == 3
+    ckpt = load(out / "checkpoint.pt")
+    ckpt["args"]["token_shuffle"] = True
+    ckpt["stage1_fingerprint"] = "0" * 16
+    torch.save(ckpt, out / "checkpoint.pt")
+    code, err = cli(train_flow, flow_args(toy, stage1, out, ["--resume"]), capsys)
+    assert code == 2 and "--token-shuffle True in that run is unknown to this code" in err
+    del ckpt["args"]["token_shuffle"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    code, err = cli(train_flow, flow_args(toy, stage1, out, ["--resume"]), capsys)
+    assert code == 2 and "stage1 was '0000000000000000' in that run" in err
+
+
+def test_a_forks_noise_mode_trains_and_scores_and_an_unknown_one_is_refused(toy, stage1, capsys, monkeypatch):
+    """A noise mode added to common.NOISE_MODES is a --noise-mode choice, trains, is recorded, and invert.py's NLL
+    draws it: its noisy NLL equals an independent computation with that noise. A checkpoint recording a mode this
+    code does not know is refused by the NLL in one line."""
+    import invert
+    from tarflow import bits_per_dim
+
+    def half_scale(gen, global_batch, rank, world, device, sigma):  # a fork's mode: sigma / 2, constant
+        return torch.full((global_batch,), sigma / 2, device=device)[rank::world]
+
+    monkeypatch.setitem(common.NOISE_MODES, "half", half_scale)
+    out = toy / "s2half"
+    args = flow_args(toy, stage1, out, ["--max-steps", 2, "--grid-every", 0, "--noise-mode", "half"])
+    assert cli(train_flow, args, capsys)[0] == 0
+    ckpt_path = out / "checkpoint.pt"
+    assert load(ckpt_path)["noise_mode"] == "half"
+    nll = ["--ckpt", ckpt_path, "--nll", toy / "data", "--nll-json", out / "nll.json", "--nll-draws", 2,
+           "--limit", 3, "--batch-size", 2, "--no-progress", "--device", "cpu"]
+    assert cli(invert, nll, capsys)[0] == 0
+    res = json.load(open(out / "nll.json"))
+    assert res["noise_mode"] == "half" and res["noise_std"] == 0.4
+    # independent: eps = (0.4 / 2) * N(0, I) from image i's generator for draw k, through eq. 8 and eq. 2
+    flow, _ = load_flow(str(ckpt_path))
+    s1 = load_stage1(str(stage1))
+    data = common.ImageFolder(str(toy / "data"), 32, flat=True)
+    for i, row in enumerate(res["per_image"]):
+        x = data[i][0][None].float() / 255
+        y = torch.tensor([data[i][1]])
+        bits = []
+        with torch.no_grad():
+            z_raw = s1.encode_raw(x)
+            for k in range(2):
+                gen = torch.Generator().manual_seed(common.seed_of(0, i, common.STREAM_NLL, k))
+                eps = 0.2 * torch.randn(z_raw.shape, generator=gen)
+                u, logdet = flow(s1.compact(z_raw, eps), y)
+                bits.append(bits_per_dim(nll_per_dim(u, logdet)).item())
+        assert row["noisy"] == pytest.approx(sum(bits) / 2, rel=1e-5, abs=1e-5)
+        assert row["noisy"] != pytest.approx(row["clean"], rel=1e-5, abs=1e-5)
+    monkeypatch.delitem(common.NOISE_MODES, "half")
+    code, err = cli(invert, nll, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{ckpt_path} (its noise_mode): noise mode 'half' is unknown to this code" in err
