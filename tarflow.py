@@ -110,16 +110,20 @@ class Layer(nn.Module):
         (B, 1, C)."""
         return self.ada(c).unsqueeze(1).chunk(6, dim=-1)
 
-    def forward(self, h, mod):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
-        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+    def forward(self, h, c):
+        """Training: h (B, N, C) with c (B, C). The layer computes its own modulation, so that
+        train_flow.py --fsdp gathers its adaLN weights with the rest of the layer (one unit)."""
+        return self.residual(h, self.modulation(c), self.attn)
 
     def step(self, h, mod, cache, i):
-        """forward() for token i alone (B, 1, C), its key and value written into cache."""
+        """Sampling: forward() for token i alone (B, 1, C), with the modulation computed once
+        per block (FlowBlock.conditioning); its key and value are written into cache."""
+        return self.residual(h, mod, lambda x: self.attn.step(x, cache, i))
+
+    def residual(self, h, mod, attend):
+        """The two adaLN-Zero residual branches: h + gate * branch(modulate(norm(h)))."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        attn_in = modulate(self.norm1(h), shift_msa, scale_msa)
-        h = h + gate_msa * self.attn.step(attn_in, cache, i)
+        h = h + gate_msa * attend(modulate(self.norm1(h), shift_msa, scale_msa))
         return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
 
@@ -175,28 +179,37 @@ class FlowBlock(nn.Module):
             return y.flip(1)
         return y.index_select(1, self.inv_perm if inverse else self.perm)
 
-    def conditioning(self, labels):
-        """The adaLN modulations of every layer and of the output for labels (B,): computed once."""
-        c = F.silu(self.class_embed(labels))
-        layer_mods = [layer.modulation(c) for layer in self.layers]
+    def condition(self, labels):
+        """c = SiLU(class embedding of labels (B,)) (B, C): what every adaLN modulation reads."""
+        return F.silu(self.class_embed(labels))
+
+    def out_modulation(self, c):
+        """The output layer's shift and scale (each (B, 1, C)) from c."""
         out_shift, out_scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-        return layer_mods, (out_shift, out_scale)
+        return out_shift, out_scale
+
+    def conditioning(self, labels):
+        """Sampling: the adaLN modulations of every layer and of the output for labels (B,),
+        computed once for all the token steps."""
+        c = self.condition(labels)
+        layer_mods = [layer.modulation(c) for layer in self.layers]
+        return layer_mods, self.out_modulation(c)
 
     def head(self, h, out_mod):
         """The last hidden states (B, n, C) -> [mu, alpha] for the next token (B, n, 2d)."""
         out_shift, out_scale = out_mod
         return self.proj_out(modulate(self.norm(h), out_shift, out_scale))
 
-    def params(self, y, layer_mods, out_mod):
+    def params(self, y, c):
         """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees
-        y_{<i}."""
+        y_{<i}. c = condition(labels); each layer computes its modulation from it."""
         h = self.proj_in(y.to(self.proj_in.weight.dtype)) + self.pos_embed
-        for layer, mod in zip(self.layers, layer_mods):
+        for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, mod, use_reentrant=False)
+                h = checkpoint(layer, h, c, use_reentrant=False)
             else:
-                h = layer(h, mod)
-        out = self.head(h, out_mod)
+                h = layer(h, c)
+        out = self.head(h, self.out_modulation(c))
         # shift by one, so token i's (mu, alpha) come from tokens < i; token 0 gets 0, 0
         out = F.pad(out[:, :-1], (0, 0, 1, 0))
         mu, alpha = out.to(affine_dtype(y)).chunk(2, dim=-1)
@@ -206,7 +219,7 @@ class FlowBlock(nn.Module):
         """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and
         log|det| = -sum alpha."""
         y = self.permute(y)
-        mu, alpha = self.params(y, *self.conditioning(labels))
+        mu, alpha = self.params(y, self.condition(labels))
         y_next = (y.to(mu.dtype) - mu) * torch.exp(-alpha)
         return self.permute(y_next, inverse=True), -alpha.sum(dim=(1, 2))
 
