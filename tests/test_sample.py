@@ -280,7 +280,7 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
         (invert, inter + [a, a, "--guidance-rule", "nope"], "--guidance-rule"),
         (evaluate, ["--ckpt", flow, "--out", tmp_path, "--cfg-sweep", 1, "--guidance-rule", "starflow,nope"],
          "--guidance-rule"),
-        (evaluate, ["--ckpt", flow, "--out", tmp_path, "--cfg-sweep", "1,1.0"], "two settings would share the folder cfg-1"),
+        (evaluate, ["--ckpt", flow, "--out", tmp_path, "--cfg-sweep", "1,1.0"], "share the folder cfg-1"),
         (evaluate, ["--reconstruct", pipeline["heldout"], "--out", tmp_path], "--stage1"),
         (evaluate, ["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path],
          "nowhere"),
