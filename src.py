@@ -316,16 +316,18 @@ class Stage1(nn.Module):
         z_c_tilde = denormalize(z_c, self.mean2, self.var2, self.eps2).to(z_c.dtype)
         return self.rae.decode(self.C.decode(z_c_tilde))
 
-    def generate(self, flow, u, labels=None, guidance=0.0, guide_blocks="all", score_step=0.0):
+    def generate(self, flow, u, labels=None, guidance=0.0, guide_blocks="all", score_step=0.0,
+                 rule="starflow"):
         """Eq. 10: prior noise u (B, N, d) -> images in [0, 1] (B, 3, S, S), not clamped.
 
-        z_c = f^{-1}(u) with classifier-free guidance (STARFlow's rule; every block or the deep
-        one), then SimFlow's score step when score_step > 0, then the decoders. labels (B,) or
-        None (no label: the flow's null_label; an unconditional flow gets None).
+        z_c = f^{-1}(u) with classifier-free guidance (tarflow.GUIDANCE_RULES[rule], STARFlow's
+        by default; every block or the deep one), then SimFlow's score step when score_step > 0,
+        then the decoders. labels (B,) or None (no label: the flow's null_label; an
+        unconditional flow gets None).
         """
         if not flow.num_classes:
             labels = None
-        z_c = flow.reverse(u, labels, guidance=guidance, guide_blocks=guide_blocks)
+        z_c = flow.reverse(u, labels, guidance=guidance, guide_blocks=guide_blocks, rule=rule)
         if score_step:
             z_c = flow.score_step(z_c, labels, score_step)  # SimFlow eq. 6
         return self.decode(z_c).float()
