@@ -220,8 +220,8 @@ class PCA(Compressor):
         cov = torch.as_tensor(cov).double().cpu()
         n = self.n
         if mean.shape != (n,) or cov.shape != (n, n) or not cov.isfinite().all():
-            raise ValueError(f"PCA.fit: expected a mean ({n},) and a finite covariance ({n}, {n}), "
-                             f"got {tuple(mean.shape)} and {tuple(cov.shape)}")
+            raise ValueError(f"PCA.fit: expected a mean ({n},) and a finite covariance "
+                             f"({n}, {n}), got {tuple(mean.shape)} and {tuple(cov.shape)}")
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
         evals = evals.flip(0).clamp_min(0)
         comps = evecs.flip(1)[:, :self.d].T  # (d, n), the largest first

@@ -601,7 +601,8 @@ def build_parser():
     p.add_argument("--disc-start", type=int, default=8,
                    help="epoch (not step) the GAN loss starts: --max-steps runs that end "
                         "sooner train without it")
-    p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
+    p.add_argument("--disc-upd-start", type=int, default=6,
+                   help="epoch (not step) the disc. trains")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
                    help="EMA decay of C and D (RAE's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
