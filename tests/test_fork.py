@@ -13,6 +13,7 @@ import torch
 import losses
 import rae
 import src
+import test_train
 import train_src
 from common import UserError
 from src import SRC, Linear, Stage1
@@ -207,3 +208,13 @@ def test_a_fork_without_last_layer_is_refused_before_the_first_step(toy, stats, 
     assert cli(train_src, src_args(toy, tmp_path / "b", run, kind="fork"), capsys)[0] == 0
     log = [line for line in open(tmp_path / "b" / "log.jsonl")]
     assert len(log) == 1 and '"gan_on": true' in log[0]
+
+
+# -----------------------------------------------------------------------------
+# A fork's kind in src.COMPRESSORS runs the same end-to-end test as the built-in kinds
+
+def test_a_forks_compressor_trains_round_trips_and_drives_stage2(toy, capsys, monkeypatch):
+    """test_train's parametrisation reads src.COMPRESSORS when it is collected; added here at run time, the fork
+    goes through the same test: one step, load_stage1 rebuilds it, train_flow.py trains on it, sample.py samples."""
+    monkeypatch.setitem(src.COMPRESSORS, "fork", NoLastLayer)
+    test_train.test_other_compressors_train_round_trip_and_drive_stage2(toy, "fork", capsys)
