@@ -12,13 +12,15 @@ std on E(x)) as OUT/originals.npz and OUT/recon.npz, for fid.py's rFID; OUT/grid
 first pairs. No flow is needed.
 
 --cfg-sweep W1,W2,... --ref REF --fid-weights FILE: samples every setting (w, and the lists of
---guide-blocks and --score-step) with sample.py's sample_images into OUT/cfg-<w>[-deep][-score<g>]/
-and scores it against REF with fid.py (FID, sFID, IS, precision, recall); OUT/sweep.json.
+--guide-blocks, --score-step and --guidance-rule) with sample.py's sample_images into
+OUT/cfg-<w>[-deep][-score<g>][-rule<name>]/ (setting_name) and scores it against REF with fid.py
+(FID, sFID, IS, precision, recall); OUT/sweep.json.
 
 One mode per run.
 """
 
 import argparse
+import inspect
 import os
 
 import numpy as np
@@ -28,6 +30,7 @@ import common
 import fid
 import sample
 from common import UserError
+from src import Stage1
 
 INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
 
@@ -99,8 +102,8 @@ def reconstruct(stage1, args, job):
 
 
 def sweep(flow, stage1, plan, settings, args, job):
-    """Sample every setting into --out/cfg-<w>[-deep][-score<g>]/ and score it against --ref
-    with fid.py (on every rank, as fid.py asks); rank 0 writes sweep.json."""
+    """Sample every setting into its folder --out/setting_name(setting)/ and score it against
+    --ref with fid.py (on every rank, as fid.py asks); rank 0 writes sweep.json."""
     model = fid.load_inception(args.fid_weights).to(job.device)
     kwargs = dict(batch_size=args.batch_size, device=job.device, progress=job.progress)
     # a folder --ref gets ADM's centre crop to the samples' size
@@ -108,11 +111,7 @@ def sweep(flow, stage1, plan, settings, args, job):
     table = []
     names = []
     for s in settings:
-        name = f"cfg-{s['guidance']:g}"
-        if s["guide_blocks"] == "deep":
-            name += "-deep"
-        if s["score_step"]:
-            name += f"-score{s['score_step']:g}"
+        name = setting_name(s)
         out = os.path.join(args.out, name)
         path = sample.sample_images(flow, stage1, out, plan, s, args, job)
         res = fid.evaluate(ref, path, model, **kwargs)
@@ -126,6 +125,24 @@ def sweep(flow, stage1, plan, settings, args, job):
         print(f"best: {names[k]} (FID {table[k]['fid']:.3f})")
         record = dict(ref=args.ref, num=args.num_samples, seed=args.seed, results=table)
         common.save_json(record, os.path.join(args.out, "sweep.json"))
+
+
+# A sweep folder's name part of a setting's key (-deep, -score0.5); other keys: the key itself
+NAME_PREFIX = {"guide_blocks": "", "score_step": "score"}
+
+
+def setting_name(setting):
+    """A sweep folder: cfg-<w>, then -<prefix><value> for every other key of the setting whose
+    value differs from Stage1.generate's default (-deep, -score<g>, -rule<name>, a fork's key
+    too)."""
+    defaults = inspect.signature(Stage1.generate).parameters
+    name = f"cfg-{setting['guidance']:g}"
+    for key, value in setting.items():
+        if key == "guidance" or value == defaults[key].default:
+            continue
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        name += f"-{NAME_PREFIX.get(key, key)}{text}"
+    return name
 
 
 # ---- Command line
@@ -142,7 +159,11 @@ def check_args(args):
             raise UserError("--reconstruct needs --stage1 (or --ckpt)")
         return []
     settings = sample.guidance_settings(args.cfg_sweep, args.guide_blocks, args.score_step,
-                                        w_flag="--cfg-sweep")
+                                        args.guidance_rule, w_flag="--cfg-sweep")
+    names = [setting_name(s) for s in settings]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise UserError(f"--cfg-sweep: two settings would share the folder {name}")
     for flag, path in (("--ref", args.ref), ("--fid-weights", args.fid_weights)):
         if not (path and os.path.exists(path)):
             raise UserError(f"--cfg-sweep needs an existing {flag}, got {path}")
@@ -168,6 +189,8 @@ def build_parser():
     p.add_argument("--guide-blocks", default="all",
                    help="all, deep (STARFlow's guide_top) or both: all,deep")
     p.add_argument("--score-step", default="0", help="SimFlow's score step list (0: off)")
+    p.add_argument("--guidance-rule", default="starflow",
+                   help="tarflow.GUIDANCE_RULES list: starflow,<a fork's rule>")
     p.add_argument("--ref", help="FID reference (.npz or folder)")
     p.add_argument("--fid-weights", help="fid.py's Inception weights")
     sample.add_sampling_arguments(p)

@@ -365,6 +365,8 @@ def build_parser():
     p.add_argument("--guide-blocks", default="all",
                    help="all: every block; deep: the deep one only (STARFlow's guide_top)")
     p.add_argument("--score-step", default="0", help="SimFlow's score step (0: off)")
+    p.add_argument("--guidance-rule", default="starflow",
+                   help="--interpolate's rule (tarflow.GUIDANCE_RULES)")
     return p
 
 

@@ -5,7 +5,8 @@
         --num-samples 50000 --cfg 2.0 --no-png     # 50 per class, an ADM samples.npz for fid.py
 
 u ~ N(0, I) -> z_c = f^{-1}(u) with guidance w (--cfg; in every block or the deep one only:
---guide-blocks) -> SimFlow's score step (--score-step; 0 is off) -> the decoders (eq. 10).
+--guide-blocks; --guidance-rule: a rule of tarflow.GUIDANCE_RULES) -> SimFlow's score step
+(--score-step; 0 is off) -> the decoders (eq. 10).
 Sample i uses noise seeded by (seed, i) and the label plan[i]: the images do not depend on ranks
 or batch sizes. Writes OUT/images/*.png, OUT/samples.npz (ADM's layout), OUT/grid.png (a row
 per class) and OUT/info.json. The flow's other direction (likelihood, inversion, interpolation)
@@ -27,7 +28,7 @@ from tqdm import tqdm
 import common
 from common import UserError
 from src import load_stage1
-from tarflow import load_flow
+from tarflow import GUIDANCE_RULES, GUIDE_BLOCKS, load_flow
 
 # --batch-size per rank by default: a GPU's batch reads the flow's weights once per token step
 BATCH_SIZE = {"cuda": 256, "cpu": 32}
@@ -93,8 +94,8 @@ def main(args):
 
 # ---- One guidance setting into one folder (evaluate.py's sweep calls it per setting)
 def sample_images(flow, stage1, out, plan, setting, args, job):
-    """Generate --num-samples images (eq. 10) with `setting` (guidance, guide_blocks and
-    score_step of Stage1.generate) into the folder `out`: each rank its indices, rank 0 writes
+    """Generate --num-samples images (eq. 10) with `setting` (Stage1.generate's guidance,
+    guide_blocks, score_step and rule) into the folder `out`: each rank its indices, rank 0 writes
     samples.npz, grid.png and info.json. Returns samples.npz's path once it exists, on every
     rank (evaluate.py's sweep scores it on every rank)."""
     num = args.num_samples
@@ -110,9 +111,7 @@ def sample_images(flow, stage1, out, plan, setting, args, job):
             labels = torch.from_numpy(plan[idx]).to(job.device)
         # x = D(denorm(C_dec(denorm2(z_c)))), z_c = f^{-1}(u) guided, then the score step
         with common.autocast(job.device, job.precision):
-            images = stage1.generate(flow, u, labels, guidance=setting["guidance"],
-                                     guide_blocks=setting["guide_blocks"],
-                                     score_step=setting["score_step"])
+            images = stage1.generate(flow, u, labels, **setting)
         check_finite(images, idx, "samples")
         pixels = to_uint8(images)  # (B, S, S, 3)
         parts.append(pixels)
@@ -314,24 +313,31 @@ def floats(text, flag):
     return values
 
 
-def guidance_settings(ws, blocks, gammas, w_flag):
-    """The settings of Stage1.generate (guidance w, guide_blocks, score_step) that comma lists
-    of w (named by w_flag), of --guide-blocks and of --score-step give, every combination."""
+def guidance_settings(ws, blocks, gammas, rules, w_flag):
+    """The settings of Stage1.generate (its keyword arguments guidance, guide_blocks, score_step
+    and rule) that comma lists of w (named by w_flag), of --guide-blocks, --score-step and
+    --guidance-rule give, every combination."""
     guide_blocks = blocks.split(",")
-    if not set(guide_blocks) <= {"all", "deep"}:
-        raise UserError(f"--guide-blocks: all or deep, not {blocks!r}")
+    if not set(guide_blocks) <= set(GUIDE_BLOCKS):
+        raise UserError(f"--guide-blocks: {' or '.join(GUIDE_BLOCKS)}, not {blocks!r}")
+    rule_names = rules.split(",")
+    if not set(rule_names) <= set(GUIDANCE_RULES):
+        raise UserError(f"--guidance-rule: {' or '.join(GUIDANCE_RULES)} "
+                        f"(tarflow.GUIDANCE_RULES), not {rules!r}")
     ws = floats(ws, w_flag)
     gammas = floats(gammas, "--score-step")
-    return [dict(guidance=w, guide_blocks=b, score_step=g)
-            for w in ws for b in guide_blocks for g in gammas]
+    return [dict(guidance=w, guide_blocks=b, score_step=g, rule=r)
+            for w in ws for b in guide_blocks for g in gammas for r in rule_names]
 
 
 def guidance_setting(args):
-    """The one setting of --cfg, --guide-blocks and --score-step (invert.py's too)."""
+    """The one setting of --cfg, --guide-blocks, --score-step and --guidance-rule (invert.py's
+    too)."""
     settings = guidance_settings(str(args.cfg), args.guide_blocks, args.score_step,
-                                 w_flag="guidance scale --cfg")
+                                 args.guidance_rule, w_flag="guidance scale --cfg")
     if len(settings) > 1:
-        raise UserError("several --guide-blocks or --score-step need evaluate.py --cfg-sweep")
+        raise UserError("several --guide-blocks, --score-step or --guidance-rule need "
+                        "evaluate.py --cfg-sweep")
     return settings[0]
 
 
@@ -390,6 +396,8 @@ def build_parser():
     p.add_argument("--guide-blocks", default="all",
                    help="all: every block; deep: the deep one only (STARFlow's guide_top)")
     p.add_argument("--score-step", default="0", help="SimFlow's score step (0: off)")
+    p.add_argument("--guidance-rule", default="starflow",
+                   help=f"tarflow.GUIDANCE_RULES: {', '.join(GUIDANCE_RULES)}")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp64"],
                    help="None: bf16 autocast on CUDA, else fp32")
     return p

@@ -2,11 +2,11 @@
 
 A compressor maps each normalized RAE token (n = 768) to a compact one (d = 32) from which the
 frozen RAE decoder D still rebuilds the image: z_c~ = C_enc(z), z^ = C_dec(z_c~) (eq. 4).
-COMPRESSORS holds the rows of the paper's Table 5: src (the paper's SRC: L Transformer blocks
-then Linear n -> d, mirrored), conv (our reading of its "local convolution": the same with
-convolutions over the token grid in place of attention), linear (token-wise), pca (fitted, not
-trained: 99.06% of the variance at d = 32) and identity (d = n, the full-representation
-baseline of Table 1).
+COMPRESSORS, below the classes, is the one list of them (--compressor, the checkpoints' kind,
+the tests): the rows of the paper's Table 5 and the full-representation baseline of Table 1,
+each described by its class. A fork adds its class there; train_src.py passes --src-dim and
+--src-depth to the constructor's d and depth (a kind without one refuses the flag), and a
+checkpoint records the kind and config().
 
 Stage1 then writes the compact space once, with E, the RAE statistics (eq. 1) and norm2:
 
@@ -43,7 +43,8 @@ def init_linear(module):
 
 class Compressor(nn.Module):
     """What every compressor has: n, d, kind, encode (C_enc), decode (C_dec), forward (eq. 4's
-    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer()."""
+    round trip), config() (type(c)(**c.config()) rebuilds it) and last_layer(). One with a
+    fit(mean, cov) method (PCA) is fitted by train_src.py to the normalized tokens."""
 
     def __init__(self, n, d):
         super().__init__()
@@ -194,7 +195,8 @@ class Linear(Compressor):
 
 
 class PCA(Compressor):
-    """C_enc(z) = (z - mean) @ components^T and C_dec(z_c) = z_c @ components + mean.
+    """C_enc(z) = (z - mean) @ components^T and C_dec(z_c) = z_c @ components + mean: fitted,
+    not trained (99.06% of the variance at d = 32).
 
     components (d, n) holds the top-d principal directions as orthonormal rows; `explained` is
     the share of the variance they capture (NaN until fit).
@@ -218,8 +220,8 @@ class PCA(Compressor):
         cov = torch.as_tensor(cov).double().cpu()
         n = self.n
         if mean.shape != (n,) or cov.shape != (n, n) or not cov.isfinite().all():
-            raise ValueError(f"PCA.fit: expected a mean ({n},) and a finite covariance ({n}, {n}), "
-                             f"got {tuple(mean.shape)} and {tuple(cov.shape)}")
+            raise ValueError(f"PCA.fit: expected a mean ({n},) and a finite covariance "
+                             f"({n}, {n}), got {tuple(mean.shape)} and {tuple(cov.shape)}")
         evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)  # ascending eigenvalues
         evals = evals.flip(0).clamp_min(0)
         comps = evecs.flip(1)[:, :self.d].T  # (d, n), the largest first
@@ -238,7 +240,7 @@ class PCA(Compressor):
 
 
 class Identity(Compressor):
-    """No compression (d = n): the naive full-representation baseline."""
+    """No compression (d = n): the naive full-representation baseline of Table 1."""
     kind = "identity"
 
     def __init__(self, n=768):
@@ -251,6 +253,7 @@ class Identity(Compressor):
         return self.check(z_c, self.d, "decode")
 
 
+# the one list of the compressors, by kind: --compressor's choices, what load_stage1 rebuilds
 COMPRESSORS = {
     "src": SRC,
     "conv": Conv,
@@ -316,16 +319,18 @@ class Stage1(nn.Module):
         z_c_tilde = denormalize(z_c, self.mean2, self.var2, self.eps2).to(z_c.dtype)
         return self.rae.decode(self.C.decode(z_c_tilde))
 
-    def generate(self, flow, u, labels=None, guidance=0.0, guide_blocks="all", score_step=0.0):
+    def generate(self, flow, u, labels=None, guidance=0.0, guide_blocks="all", score_step=0.0,
+                 rule="starflow"):
         """Eq. 10: prior noise u (B, N, d) -> images in [0, 1] (B, 3, S, S), not clamped.
 
-        z_c = f^{-1}(u) with classifier-free guidance (STARFlow's rule; every block or the deep
-        one), then SimFlow's score step when score_step > 0, then the decoders. labels (B,) or
-        None (no label: the flow's null_label; an unconditional flow gets None).
+        z_c = f^{-1}(u) with classifier-free guidance (tarflow.GUIDANCE_RULES[rule], STARFlow's
+        by default; every block or the deep one), then SimFlow's score step when score_step > 0,
+        then the decoders. labels (B,) or None (no label: the flow's null_label; an
+        unconditional flow gets None).
         """
         if not flow.num_classes:
             labels = None
-        z_c = flow.reverse(u, labels, guidance=guidance, guide_blocks=guide_blocks)
+        z_c = flow.reverse(u, labels, guidance=guidance, guide_blocks=guide_blocks, rule=rule)
         if score_step:
             z_c = flow.score_step(z_c, labels, score_step)  # SimFlow eq. 6
         return self.decode(z_c).float()

@@ -16,13 +16,18 @@ label dropout and the unconditional half of classifier-free guidance: `None` at 
 
 Sampling (`reverse`) inverts the blocks token by token with preallocated key/value caches. With
 guidance w > 0 the conditional and null-label passes run as one batch [cond; null], each token's
-two Gaussians combined by STARFlow's rule (sigma = exp(alpha)); both halves continue from the
-guided token. guide_blocks='deep' guides the deep block only and runs the shallow blocks
-conditional and unguided: STARFlow's `guide_top` sampling mode (not its `cond_top_only` model,
-whose shallow blocks are trained without labels). STARFlow's rule:
+two Gaussians combined by a guidance rule (sigma = exp(alpha); STARFlow's by default); both
+halves continue from the guided token. guide_blocks='deep' guides the deep block only and runs
+the shallow blocks conditional and unguided: STARFlow's `guide_top` sampling mode (not its
+`cond_top_only` model, whose shallow blocks are trained without labels). STARFlow's rule:
 
     s = min(sigma_c / sigma_u, 1)^2,   sigma = sigma_c / sqrt(1 + w - w s),
     mu = ((1 + w) mu_c - w s mu_u) / (1 + w - w s)
+
+A fork adds a guidance rule to GUIDANCE_RULES (beside guided_gaussian): a name -> a function
+(mu_c, alpha_c, mu_u, alpha_u, w) -> (mu, sigma), with its reference formula in
+tests/reference.py's REFERENCE_RULES. reverse(rule=...), sample.py --guidance-rule,
+evaluate.py's sweep and the guidance tests read the dict.
 
 Training (`forward`) computes each layer's adaLN modulation inside the layer, from the block's
 c = SiLU(class embedding), so that a layer is one unit of train_flow.py's sharding; sampling
@@ -141,6 +146,13 @@ def guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w):
     return mu, sigma
 
 
+# The guidance rules by name: function(mu_c, alpha_c, mu_u, alpha_u, w) -> (mu, sigma) of the
+# guided Gaussian. A fork adds its rule here (and its reference to tests/reference.py).
+GUIDANCE_RULES = {"starflow": guided_gaussian}
+# The blocks guided: every one, or the deep one only (STARFlow's guide_top)
+GUIDE_BLOCKS = ("all", "deep")
+
+
 def affine_dtype(x):
     """The affine arithmetic runs in float32 at least (float64 stays float64)."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -242,11 +254,12 @@ class FlowBlock(nn.Module):
         mu, alpha = out.chunk(2, dim=-1)
         return mu, alpha
 
-    def reverse(self, y_next, labels, caches, guidance=0.0):
+    def reverse(self, y_next, labels, caches, guidance=0.0, rule='starflow'):
         """Eq. 3 inverse, token by token: y^k from y^{k+1} (B, N, d). Guided (guidance > 0), the
         labels are [cond; null] (2B,): both halves run as one batch, their Gaussians combine
-        (guided_gaussian), and both read the same guided token at the next step."""
+        (GUIDANCE_RULES[rule]), and both read the same guided token at the next step."""
         guided = guidance > 0
+        combine = GUIDANCE_RULES[rule]
         y_next = self.permute(y_next)
         layer_mods, out_mod = self.conditioning(labels)
         y = torch.empty_like(y_next)
@@ -259,7 +272,7 @@ class FlowBlock(nn.Module):
             if guided:
                 mu_c, mu_u = mu.chunk(2)
                 alpha_c, alpha_u = alpha.chunk(2)
-                mu, sigma = guided_gaussian(mu_c, alpha_c, mu_u, alpha_u, w=guidance)
+                mu, sigma = combine(mu_c, alpha_c, mu_u, alpha_u, w=guidance)
             else:
                 sigma = torch.exp(alpha)
             # eq. 3's inverse: y^k_i = y^{k+1}_i * sigma + mu
@@ -394,13 +407,13 @@ class TARFlow(nn.Module):
         return -0.5 * u.pow(2).sum(dim=(1, 2)) - dims * HALF_LOG_2PI + logdet
 
     @torch.no_grad()
-    def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all'):
+    def reverse(self, u, labels=None, guidance=0.0, guide_blocks='all', rule='starflow'):
         """Prior -> data: z_c = f^{-1}(u) (B, N, d) in the affine dtype, with KV caches. labels
-        (B,) or None (the null label); guidance w > 0: classifier-free guidance in every block
-        (guide_blocks='all') or in the deep one ('deep', STARFlow's guide_top: the shallow ones
-        stay conditional with w = 0)."""
+        (B,) or None (the null label); guidance w > 0: classifier-free guidance by
+        GUIDANCE_RULES[rule] in every block (guide_blocks='all') or in the deep one ('deep',
+        STARFlow's guide_top: the shallow ones stay conditional with w = 0)."""
         self.check_tokens(u, 'reverse')
-        check_guidance(guidance, guide_blocks)
+        check_guidance(guidance, guide_blocks, rule)
         B = u.shape[0]
         labels = self.check_labels(labels, B, u.device, 'reverse')
         guided = guidance > 0
@@ -410,14 +423,14 @@ class TARFlow(nn.Module):
         caches = self.new_caches(len(batch_labels), u.device)
         deep_block = self.blocks[-1]  # the last block of f, the first one inverted
         y = u.to(affine_dtype(u))
-        y = deep_block.reverse(y, batch_labels, caches, guidance=guidance)
+        y = deep_block.reverse(y, batch_labels, caches, guidance=guidance, rule=rule)
         # 'deep': the shallow blocks run on the conditional half only, with w = 0
         if guide_blocks == 'deep' and guided:
             batch_labels = labels
             guidance = 0.0
             caches = [cache[:B] for cache in caches]
         for block in reversed(self.blocks[:-1]):
-            y = block.reverse(y, batch_labels, caches, guidance=guidance)
+            y = block.reverse(y, batch_labels, caches, guidance=guidance, rule=rule)
         return y
 
     def new_caches(self, batch, device):
@@ -539,15 +552,20 @@ def check_permutations(permutations, num_blocks, num_tokens):
     return perms
 
 
-def check_guidance(guidance, guide_blocks):
-    """One-line errors for a guidance scale w < 0 or a guide_blocks not 'all' or 'deep'."""
+def check_guidance(guidance, guide_blocks, rule):
+    """One-line errors for a guidance scale w < 0, a guide_blocks not in GUIDE_BLOCKS or a rule
+    not in GUIDANCE_RULES."""
     finite = isinstance(guidance, (int, float)) and math.isfinite(guidance)
     if not (finite and guidance >= 0):
         raise ValueError(f"TARFlow.reverse: guidance must be a finite number >= 0, "
                          f"got {guidance!r}")
-    if guide_blocks not in ('all', 'deep'):
-        raise ValueError(f"TARFlow.reverse: guide_blocks must be 'all' or 'deep', "
-                         f"got {guide_blocks!r}")
+    if guide_blocks not in GUIDE_BLOCKS:
+        blocks = " or ".join(repr(b) for b in GUIDE_BLOCKS)
+        raise ValueError(f"TARFlow.reverse: guide_blocks must be {blocks}, got {guide_blocks!r}")
+    if not (isinstance(rule, str) and rule in GUIDANCE_RULES):
+        rules = ", ".join(GUIDANCE_RULES)
+        raise ValueError(f"TARFlow.reverse: rule must be one of GUIDANCE_RULES ({rules}), "
+                         f"got {rule!r}")
 
 
 # ---- Checkpoints

@@ -11,19 +11,22 @@ noise on the raw encoder output (eps ~ N(0, sigma^2 I), sigma ~ U(0, 0.8)) under
 decoder's objective (losses.py): L1 + LPIPS + a hinge GAN loss with VQGAN's adaptive weight.
 Each step of main's loop updates C (and D), then the discriminator. Whenever the run stops, the
 compact statistics norm2 of eq. 5 are measured with the EMA C and stored: the checkpoint is all
-stage 2 needs. --compressor picks a row of Table 5; pca and identity train nothing (only the
-statistics are computed); --train-decoder trains D too (toy runs). Where the paper defers to RAE
-(bytetriper/RAE, src/train_stage1.py), the defaults are RAE's: its EMA decay, its random crop
-without flips (--crop center: ADM's crop with flips), its DINO discriminator. --batch-size is the
-global batch. A step's randomness is drawn for the global batch from (seed, step), an image's
-crop from (seed, epoch, index), and the adaptive weight uses rank-averaged gradients: N processes
-follow one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (inputs
-above the EMA's reconstructions).
+stage 2 needs. --compressor picks a row of Table 5 from src.COMPRESSORS; one without parameters
+(pca, identity) trains nothing: only the statistics are computed (and pca fitted); --train-decoder
+trains D too (toy runs). A flag the chosen set-up does not use is refused, and so is a --resume
+that does not rebuild what its checkpoint records. Where the paper defers to RAE (bytetriper/RAE,
+src/train_stage1.py), the defaults are RAE's: its EMA decay, its random crop without flips
+(--crop center: ADM's crop with flips), its DINO discriminator. --batch-size is the global
+batch. A step's randomness is drawn for the global batch from (seed, step), an image's crop from
+(seed, epoch, index), and the adaptive weight uses rank-averaged gradients: N processes follow
+one process's trajectory. Outputs in --out: checkpoint.pt, log.jsonl, recon/*.png (inputs above
+the EMA's reconstructions).
 """
 
 import argparse
 import copy
 import functools
+import inspect
 import os
 import sys
 
@@ -43,6 +46,9 @@ GRID_IMAGES = 8
 EMA_DECAY = 0.9978
 # DiffAug's uniforms per image: translation (2), brightness, saturation, contrast
 DIFFAUG_PARAMS = 5
+# the flags that reach the compressor: flag -> its constructor's argument; a kind without that
+# argument refuses the flag (identity has no d), a flag not given leaves the kind's default
+COMPRESSOR_FLAGS = {"src_dim": "d", "src_depth": "depth"}
 
 
 # ---- The models, the optimisers and a step's randomness
@@ -67,13 +73,29 @@ def build_decoder(args, encoder):
     return decoder
 
 
+def compressor_arguments(args):
+    """The constructor arguments of --compressor given by COMPRESSOR_FLAGS; a flag given to a
+    kind whose constructor lacks its argument is a one-line error."""
+    params = inspect.signature(COMPRESSORS[args.compressor]).parameters
+    kwargs = {}
+    for key, name in COMPRESSOR_FLAGS.items():
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if name not in params:
+            raise UserError(f"--{key.replace('_', '-')}: compressor '{args.compressor}' has no "
+                            f"{name} (its arguments: {', '.join(params)})")
+        kwargs[name] = value
+    return kwargs
+
+
 def build_compressor(args, n):
-    """C (eq. 4) of --compressor for RAE tokens of width n (identity: d = n)."""
-    if args.compressor == "src":
-        return COMPRESSORS["src"](n=n, d=args.src_dim, depth=args.src_depth)
-    if args.compressor == "identity":
-        return COMPRESSORS["identity"](n=n)
-    return COMPRESSORS[args.compressor](n=n, d=args.src_dim)
+    """C (eq. 4) of --compressor for RAE tokens of width n, its other arguments the flags'
+    (compressor_arguments) or the kind's defaults."""
+    try:
+        return COMPRESSORS[args.compressor](n=n, **compressor_arguments(args))
+    except ValueError as e:  # a size the constructor refuses, e.g. --src-depth -1
+        raise UserError(f"--compressor {args.compressor}: {e}") from None
 
 
 def create_models(args, device):
@@ -94,13 +116,33 @@ def create_models(args, device):
     return rae, C, trains, (encoder_print, decoder_print)
 
 
+def gan_last_layer(args, rae, C, trains):
+    """The weight at which the GAN loss's adaptive weight compares the gradients: the last layer
+    trained (D's decoder_pred with --train-decoder, else C.last_layer()). A run whose GAN would
+    find none is refused now, not when the GAN starts (epoch --disc-start)."""
+    if args.train_decoder:
+        return rae.decoder.decoder_pred.weight
+    layer = C.last_layer()
+    if layer is None and trains and args.disc_weight > 0:
+        raise UserError(f"--compressor {C.kind}: its last_layer() is None, and the GAN loss's "
+                        f"adaptive weight needs one; give --disc-weight 0 or --train-decoder")
+    return layer
+
+
 def build_losses(args, trains, device):
     """LPIPS, the discriminator (None where their weight is 0, or where nothing trains) and its
-    trainable parameters (a DINO discriminator's backbone stays frozen), their files read now."""
+    trainable parameters (a DINO discriminator's backbone stays frozen), their files read now
+    (a missing one is refused first)."""
     lpips = None
     disc = None
     if not trains:
         return lpips, disc, []
+    if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
+        raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
+                        f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}), or 0")
+    if args.disc_weight > 0 and args.disc == "dino" and not args.disc_encoder:
+        raise UserError(f"--disc dino needs --disc-encoder ({losses.DINO_S8_URL}); or use "
+                        f"--disc patch (no weights) or --disc-weight 0")
     if args.perceptual_weight > 0:
         lpips = losses.load_lpips(args.lpips_vgg, args.lpips_lin).to(device)
     if args.disc_weight > 0 and args.disc == "dino":
@@ -210,21 +252,44 @@ def image_batches(dataset, args, rank, world, device):
 
 
 def set_statistics(args, rae, C, resume, batches, device):
-    """The RAE statistics of eq. 1: a resumed run's, RAE's stat.pt (--rae-stats) or measured over
-    the training images (the paper); a PCA compressor is fitted to the normalized tokens."""
-    if resume is not None:
-        # copied: nothing keeps the checkpoint's mapping alive
+    """The RAE statistics of eq. 1: RAE's stat.pt (--rae-stats), a resumed run's or measured over
+    the training images (the paper); a fitted compressor (pca) is fitted to the normalized
+    tokens' mean and covariance."""
+    if args.rae_stats:
+        rae.load_stats(args.rae_stats)
+    elif resume is not None:
+        # measured in that run, not again; copied: nothing keeps the checkpoint's mapping alive
         stats = resume["rae_stats"]
         rae.set_stats(stats["mean"].clone(), stats["var"].clone())
-    elif args.rae_stats:
-        rae.load_stats(args.rae_stats)
     else:
         print0("computing the RAE statistics (eq. 1) over the training images")
         rae.set_stats(*common.channel_stats(batches(), rae.encode_raw, device))
-    if C.kind == "pca" and resume is None:
+    if hasattr(C, "fit") and resume is None:
         C.fit(*common.channel_stats(batches(), rae.encode, device, covariance=True))
-        print0(f"PCA: {C.d} of {C.n} directions explain {C.explained:.1%}")
+        explained = getattr(C, "explained", float("nan"))
+        print0(f"{C.kind} fitted: {C.d} of {C.n} directions explain {explained:.1%}")
     return dict(mean=rae.mean.cpu().clone(), var=rae.var.cpu().clone())
+
+
+def check_resumed(ckpt_path, resume, rae, C, prints, rae_stats):
+    """A resumed run (resume not None) must have rebuilt what its checkpoint records, else one
+    line names the first key that differs: C's kind and config(), E's and D's config() and the
+    fingerprints of E's and a released D's weights (the flags were compared already; this
+    catches a fork that changed a default in code), and the RAE statistics of eq. 1."""
+    if resume is None:
+        return
+    built = dict(
+        encoder=dict(config=rae.encoder.config(), fingerprint=prints[0]),
+        decoder=dict(config=rae.decoder.config(), fingerprint=prints[1]),
+        compressor=dict(kind=C.kind, config=C.config()),
+    )
+    for part, fields in built.items():
+        recorded = {key: resume[part][key] for key in fields}
+        common.check_built(ckpt_path, part, recorded, fields)
+    for key in ("mean", "var"):
+        if not torch.equal(resume["rae_stats"][key], rae_stats[key]):
+            raise UserError(f"--resume {ckpt_path}: rae_stats.{key} (eq. 1) differs from "
+                            f"that run's")
 
 
 def measure_norm2(stage1_ema, batches, device, precision):
@@ -261,10 +326,12 @@ def main(args):
 
     # Create E, D (frozen unless --train-decoder), C and the loss networks: every file read now
     rae, C, trains, prints = create_models(args, device)
+    last_layer = gan_last_layer(args, rae, C, trains)  # for the GAN loss's adaptive weight
     lpips, disc, disc_params = build_losses(args, trains, device)
 
-    # The statistics of eq. 1 (and the PCA fit), the EMA copies of C and D
+    # The statistics of eq. 1 (and the PCA fit), checked on resume; the EMA copies of C and D
     rae_stats = set_statistics(args, rae, C, resume, batches, device)
+    check_resumed(ckpt_path, resume, rae=rae, C=C, prints=prints, rae_stats=rae_stats)
     C_ema, D_ema, stage1_ema = ema_copies(args, rae, C, rae_stats, device)
 
     # The trained path (its forward is eq. 7), the optimisers; resume
@@ -273,11 +340,8 @@ def main(args):
     opt = adamw(trainable, args, device)
     disc_opt = adamw(disc_params, args, device)
     disc_net = wrap_ddp(disc, world, device)
-    # the GAN loss's adaptive weight compares the gradients at the last layer trained
-    last_layer = rae.decoder.decoder_pred.weight if args.train_decoder else C.last_layer()
-    step, norm2 = resume_from(
-        resume, C=C, C_ema=C_ema, decoder=rae.decoder, D_ema=D_ema, opt=opt, disc=disc,
-        disc_opt=disc_opt)
+    step, norm2 = resume_from(resume, C=C, C_ema=C_ema, decoder=rae.decoder, D_ema=D_ema,
+                              opt=opt, disc=disc, disc_opt=disc_opt)
     resumed = resume is not None
     del resume  # the checkpoint's mapping is released once nothing refers to it
 
@@ -487,6 +551,16 @@ def print0(text):
 
 
 # ---- Command line
+def kind_defaults(name):
+    """'src 32, conv 32, ...': each compressor's default for its constructor argument `name`."""
+    found = []
+    for kind, make in COMPRESSORS.items():
+        param = inspect.signature(make).parameters.get(name)
+        if param is not None:
+            found.append(f"{kind} {param.default}")
+    return ", ".join(found)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Stage 1: train the compressor (eq. 7).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -505,9 +579,11 @@ def build_parser():
     p.add_argument("--crop", choices=["random", "center"], default="random",
                    help="RAE's random crop, no flips; or ADM's, flipped")
     p.add_argument("--compressor", choices=list(COMPRESSORS), default="src",
-                   help="C (Table 5): src, conv, linear, pca (fitted) or identity (d = n)")
-    p.add_argument("--src-dim", type=int, default=32, help="d: channels of z_c")
-    p.add_argument("--src-depth", type=int, default=4, help="L: SRC blocks per side")
+                   help="C (Table 5), one of src.COMPRESSORS: " + ", ".join(COMPRESSORS))
+    p.add_argument("--src-dim", type=int, default=None,
+                   help=f"d: channels of z_c (each kind's default: {kind_defaults('d')})")
+    p.add_argument("--src-depth", type=int, default=None,
+                   help=f"L: blocks per side (each kind's default: {kind_defaults('depth')})")
     p.add_argument("--epochs", type=int, default=16, help="training epochs")
     p.add_argument("--batch-size", type=int, default=256, help="the GLOBAL batch (all ranks)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr of C, D and the disc.")
@@ -525,7 +601,8 @@ def build_parser():
     p.add_argument("--disc-start", type=int, default=8,
                    help="epoch (not step) the GAN loss starts: --max-steps runs that end "
                         "sooner train without it")
-    p.add_argument("--disc-upd-start", type=int, default=6, help="epoch (not step) the disc. trains")
+    p.add_argument("--disc-upd-start", type=int, default=6,
+                   help="epoch (not step) the disc. trains")
     p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
                    help="EMA decay of C and D (RAE's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA")
@@ -536,7 +613,8 @@ def build_parser():
 
 
 def check_args(args):
-    """One-line errors for settings that cannot run, before any file is read."""
+    """One-line errors for settings that cannot run or flags that would change nothing, before
+    any file is read."""
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
@@ -546,15 +624,19 @@ def check_args(args):
         raise UserError(f"--noise-max must be >= 0, got {args.noise_max}")
     if args.train_decoder == (args.decoder is not None):
         raise UserError("give one of --decoder PATH and --train-decoder")
-    if args.compressor in ("pca", "identity") and not args.train_decoder:
-        # nothing to train: the loss weights are not needed
-        return args
-    if args.perceptual_weight > 0 and not (args.lpips_vgg and args.lpips_lin):
-        raise UserError(f"--perceptual-weight {args.perceptual_weight} needs --lpips-vgg "
-                        f"({losses.VGG16_URL}) and --lpips-lin ({losses.LPIPS_LIN_URL}), or 0")
-    if args.disc_weight > 0 and args.disc == "dino" and not args.disc_encoder:
-        raise UserError(f"--disc dino needs --disc-encoder ({losses.DINO_S8_URL}); or use "
-                        f"--disc patch (no weights) or --disc-weight 0")
+    compressor_arguments(args)
+    # flags that only one set-up uses: given to another, they would change nothing
+    parser = build_parser()
+    used = {
+        "decoder_width": ("--train-decoder", args.train_decoder),
+        "decoder_depth": ("--train-decoder", args.train_decoder),
+        "decoder_mlp": ("--train-decoder", args.train_decoder),
+        "disc_width": ("--disc patch", args.disc == "patch"),
+        "disc_encoder": ("--disc dino", args.disc == "dino"),
+    }
+    for key, (setting, on) in used.items():
+        if not on and getattr(args, key) != parser.get_default(key):
+            raise UserError(f"--{key.replace('_', '-')} is used only with {setting}")
     return args
 
 

@@ -7,9 +7,10 @@
 The naive reference lives here, not in tarflow.py: it samples the same weights the way
 ml-tarflow does, growing each key/value cache by concatenation every step, recomputing the
 class modulation every step and running the conditional and null-label passes of CFG one
-after the other (in every block, or with --guide-blocks deep in the deep block only). Both
-paths run in the same process on the same prior noise; their outputs are compared. Prints one
-summary line and one JSON record. On CUDA it also prints the floor of a token step: bytes of
+after the other (in every block, or with --guide-blocks deep in the deep block only), their
+Gaussians combined by the rule's formula in tests/reference.py (REFERENCE_RULES). Both paths
+run in the same process on the same prior noise; their outputs are compared. Prints one summary
+line and one JSON record. On CUDA it also prints the floor of a token step: bytes of
 weights and caches read over the measured copy bandwidth, and FLOPs over the measured bf16
 matmul rate.
 """
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tarflow import TARFlow, guided_gaussian, modulate  # noqa: E402
+from tarflow import GUIDANCE_RULES, GUIDE_BLOCKS, TARFlow, modulate  # noqa: E402
+from tests.reference import reference_rule  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -51,8 +53,9 @@ def naive_block_params(block, x_t, t, c, caches):
 
 
 @torch.no_grad()
-def naive_reverse(flow, z, y, w, guide_blocks='all'):
+def naive_reverse(flow, z, y, w, guide_blocks='all', rule='starflow'):
     x = z.to(torch.promote_types(z.dtype, torch.float32))
+    combine = reference_rule(rule)  # tests/reference.py: (mu_c, sigma_c, mu_u, sigma_u, w)
     null = torch.full_like(y, flow.null_label)
     for k, block in enumerate(reversed(flow.blocks)):
         wk = w if k == 0 or guide_blocks == 'all' else 0.0  # 'deep': only the first block run is guided
@@ -63,9 +66,11 @@ def naive_reverse(flow, z, y, w, guide_blocks='all'):
             passes.append((F.silu(block.class_embed(null)), [dict(k=None, v=None) for _ in block.layers]))
         for t in range(u.shape[1] - 1):
             outs = [naive_block_params(block, x[:, t:t + 1], t, c, caches) for c, caches in passes]
-            (mu, alpha), sigma = outs[0], outs[0][1].exp()
+            mu, alpha = outs[0]
+            sigma = alpha.exp()
             if wk > 0:
-                mu, sigma = guided_gaussian(mu, alpha, outs[1][0], outs[1][1], wk)
+                mu_u, alpha_u = outs[1]
+                mu, sigma = combine(mu, sigma, mu_u, alpha_u.exp(), wk)
             x[:, t + 1] = u[:, t + 1] * sigma + mu
         x = block.permute(x, inverse=True)
     return x
@@ -152,11 +157,12 @@ def main(args):
 
     def fast():
         with autocast:
-            return flow.reverse(z, y, guidance=args.cfg, guide_blocks=args.guide_blocks)
+            return flow.reverse(z, y, guidance=args.cfg, guide_blocks=args.guide_blocks,
+                                rule=args.guidance_rule)
 
     def naive():
         with autocast:
-            return naive_reverse(flow, z, y_naive, args.cfg, args.guide_blocks)
+            return naive_reverse(flow, z, y_naive, args.cfg, args.guide_blocks, args.guidance_rule)
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
@@ -167,7 +173,7 @@ def main(args):
     rec = dict(
         device=str(device), dtype=args.dtype, compile=args.compile, width=args.width, depths=depths,
         head_dim=args.head_dim, tokens=args.tokens, channels=args.channels, batch=args.batch, cfg=args.cfg,
-        guide_blocks=args.guide_blocks,
+        guide_blocks=args.guide_blocks, guidance_rule=args.guidance_rule,
         threads=torch.get_num_threads(),
         fast_s=t_fast, fast_images_per_s=args.batch / t_fast, fast_ms_per_token_step=1e3 * t_fast / steps,
         naive_s=t_naive, naive_images_per_s=args.batch / t_naive, naive_ms_per_token_step=1e3 * t_naive / steps,
@@ -203,7 +209,9 @@ def parse_args(argv=None):
     p.add_argument('--channels', type=int, default=32, help='d channels per token')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--cfg', type=float, default=1.5, help='guidance weight w (0: no CFG)')
-    p.add_argument('--guide-blocks', default='all', choices=['all', 'deep'], help='CFG in every block or the deep one')
+    p.add_argument('--guide-blocks', default='all', choices=GUIDE_BLOCKS, help='CFG in every block or the deep one')
+    p.add_argument('--guidance-rule', default='starflow', choices=list(GUIDANCE_RULES),
+                   help='a name in tarflow.GUIDANCE_RULES')
     p.add_argument('--num-classes', type=int, default=1000)
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float64'],

@@ -31,7 +31,7 @@ import common  # noqa: E402
 import losses  # noqa: E402
 import rae  # noqa: E402
 import train_src  # noqa: E402
-from src import SRC, Stage1  # noqa: E402
+from src import COMPRESSORS, SRC, Stage1  # noqa: E402
 from tarflow import SIZES, TARFlow, nll_per_dim  # noqa: E402
 
 
@@ -68,7 +68,8 @@ def frozen_rae(args, device):
 
 def flow_step_fn(args, device, precision, compile_, gan=None):
     model_rae = frozen_rae(args, device)
-    stage1 = Stage1(model_rae, SRC(n=args.encoder_width, d=args.dim, depth=args.src_depth)).to(device)
+    depth = args.src_depth or 4
+    stage1 = Stage1(model_rae, SRC(n=args.encoder_width, d=args.dim, depth=depth)).to(device)
     stage1.requires_grad_(False).eval()
     flow = TARFlow(in_channels=args.dim, num_tokens=model_rae.decoder.num_patches, num_classes=1000,
                    **SIZES[args.flow_model]).to(device)
@@ -173,9 +174,9 @@ if __name__ == "__main__":
     p.add_argument("--encoder-depth", type=int, default=2, help="DINOv2 depth")
     p.add_argument("--decoder-width", type=int, default=72, help="RAE decoder width")
     p.add_argument("--decoder-depth", type=int, default=2, help="RAE decoder depth")
-    p.add_argument("--compressor", default="src", choices=["src", "linear"], help="the trained compressor")
-    p.add_argument("--src-dim", type=int, default=32, help="src: d")
-    p.add_argument("--src-depth", type=int, default=4, help="L of the SRC")
+    p.add_argument("--compressor", default="src", choices=list(COMPRESSORS), help="the trained compressor")
+    p.add_argument("--src-dim", type=int, default=None, help="d (None: the kind's default)")
+    p.add_argument("--src-depth", type=int, default=None, help="depth, for kinds that have one (SRC: 4)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps")
     p.add_argument("--iters", type=int, default=5, help="timed steps")

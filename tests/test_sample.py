@@ -275,6 +275,12 @@ def test_bad_inputs_are_one_line_errors(pipeline, tmp_path, capsys):
         (sample, ["--ckpt", flow, "--out", tmp_path, "--cfg", -1], "guidance"),
         (sample, ["--ckpt", flow, "--out", tmp_path, "--guide-blocks", "top"], "--guide-blocks"),
         (sample, ["--ckpt", flow, "--out", tmp_path, "--score-step", "0,1"], "--cfg-sweep"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--guidance-rule", "nope"], "--guidance-rule: starflow"),
+        (sample, ["--ckpt", flow, "--out", tmp_path, "--guidance-rule", "starflow,starflow"], "--cfg-sweep"),
+        (invert, inter + [a, a, "--guidance-rule", "nope"], "--guidance-rule"),
+        (evaluate, ["--ckpt", flow, "--out", tmp_path, "--cfg-sweep", 1, "--guidance-rule", "starflow,nope"],
+         "--guidance-rule"),
+        (evaluate, ["--ckpt", flow, "--out", tmp_path, "--cfg-sweep", "1,1.0"], "share the folder cfg-1"),
         (evaluate, ["--reconstruct", pipeline["heldout"], "--out", tmp_path], "--stage1"),
         (evaluate, ["--stage1", pipeline["stage1"], "--reconstruct", tmp_path / "nowhere", "--out", tmp_path],
          "nowhere"),
@@ -319,6 +325,7 @@ def test_guidance_sweep_reports_metrics_per_setting(pipeline, monkeypatch):
                 "--no-png"], evaluate) is None
     res = json.load(open(tmp / "sweep" / "sweep.json"))["results"]
     assert [(r["guidance"], r["guide_blocks"]) for r in res] == [(0, "all"), (0, "deep"), (2, "all"), (2, "deep")]
+    assert {r["rule"] for r in res} == {"starflow"}
     # independent: ADM preprocessing of the held-out PNGs and of each samples.npz through the same network
     model = TinyFeatures()
     held = sorted(str(p) for p in (tmp / "heldout").rglob("*.png"))
@@ -354,6 +361,47 @@ def test_guidance_sweep_under_torchrun_equals_one_process(pipeline, tmp_path):
         assert (np.load(a["samples"])["arr_0"] == np.load(b["samples"])["arr_0"]).all()
         for key in ("fid", "sfid", "inception_score", "precision", "recall", "num_ref", "num_gen"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_sweep_folder_names_are_unique_and_unchanged_for_the_default_rule(monkeypatch):
+    """evaluate.setting_name: cfg-<w>[-deep][-score<g>] as before for STARFlow's rule, -rule<name> added for
+    another (here one added as a fork adds it): every combination of a sweep gets a folder of its own."""
+    import tarflow
+    monkeypatch.setitem(tarflow.GUIDANCE_RULES, "mine", tarflow.guided_gaussian)
+    settings = sample.guidance_settings("0,1.5,2", "all,deep", "0,0.5", "starflow,mine", w_flag="--cfg-sweep")
+    names = [evaluate.setting_name(s) for s in settings]
+    assert len(settings) == 24 and len(set(names)) == 24
+    for s, name in zip(settings, names):
+        today = f"cfg-{s['guidance']:g}" + ("-deep" if s["guide_blocks"] == "deep" else "")
+        today += f"-score{s['score_step']:g}" if s["score_step"] else ""
+        assert name == today + ("-rulemine" if s["rule"] == "mine" else ""), s
+    assert "cfg-1.5-deep-score0.5" in names and "cfg-0" in names and "cfg-2-score0.5-rulemine" in names
+
+
+def test_guidance_rule_reaches_the_flow(pipeline, monkeypatch):
+    """--guidance-rule NAME samples with tarflow.GUIDANCE_RULES[NAME] (here a rule the test adds, as a fork
+    would): the rule is called with w, the samples are TARFlow.reverse(rule=NAME)'s and differ from STARFlow's."""
+    import tarflow
+    calls = []
+
+    def mean_cfg(mu_c, alpha_c, mu_u, alpha_u, w):
+        calls.append(w)
+        return mu_c + w * (mu_c - mu_u), torch.exp(alpha_c)
+    monkeypatch.setitem(tarflow.GUIDANCE_RULES, "mean-cfg", mean_cfg)
+    tmp, flow = pipeline["tmp"], pipeline["flow"]
+    args = ["--ckpt", flow, "--num-samples", 2, "--cfg", 2.0, "--seed", 1, "--no-progress", "--no-png"]
+    assert cli(args + ["--out", tmp / "rule-mean-cfg", "--guidance-rule", "mean-cfg"]) is None
+    assert calls and set(calls) == {2.0}
+    assert json.load(open(tmp / "rule-mean-cfg" / "info.json"))["rule"] == "mean-cfg"
+    assert cli(args + ["--out", tmp / "rule-default"]) is None
+    f, _ = load_flow(flow)
+    s1 = load_stage1(pipeline["stage1"])
+    z, y = sample.prior_noise(1, range(2), (f.num_tokens, f.in_channels)), torch.tensor([0, 1])
+    with torch.no_grad():
+        ref = sample.to_uint8(s1.decode(f.reverse(z, y, guidance=2.0, rule="mean-cfg")))
+    mine = np.load(tmp / "rule-mean-cfg" / "samples.npz")["arr_0"]
+    assert np.abs(ref.astype(int) - mine.astype(int)).max() <= 1
+    assert (mine != np.load(tmp / "rule-default" / "samples.npz")["arr_0"]).any()
 
 
 def test_deep_guidance_and_score_step_follow_the_flow(pipeline):

@@ -1,5 +1,6 @@
 """Tests for tarflow.py: exact log-det (eq. 2, 3), exact inverse, KV-cached sampling against a
-recomputing reference (every block or only the deep one guided), STARFlow's guided Gaussian,
+recomputing reference (every block or only the deep one guided), every guidance rule of
+GUIDANCE_RULES against its formula in tests/reference.py,
 orderings given as permutations and rebuilt from the stored config, SimFlow's score step (its
 eq. 6) against a closed form, precision under bf16 autocast, parameter counts of the sizes, and
 that maximum likelihood (eq. 9) learns a density of known entropy."""
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 import pytest
 import torch
 
-from tarflow import SIZES, TARFlow, guided_gaussian
+from tarflow import GUIDANCE_RULES, SIZES, TARFlow
+from tests.reference import REFERENCE_RULES, reference_rule, starflow_guidance
 
 N, D = 5, 3  # tokens, channels of the small test flows (D: token channels here, not the RAE decoder)
 
@@ -80,14 +82,16 @@ def random_permutations(num_blocks, seed=0):
     return perms
 
 
-def reference_reverse(flow, z, y, w, guide_blocks='all'):
+def reference_reverse(flow, z, y, w, guide_blocks='all', rule='starflow'):
     """Sampling without caches: every token re-runs each block's full causal forward pass.
 
     (mu, alpha) of a token come from the public forward: with that token set to 0 and to 1,
     z0 = -mu e^-alpha and z1 = (1 - mu) e^-alpha. CFG combines the conditional and null-label
-    Gaussians with STARFlow's rule, sigma = exp(alpha). The tokens are visited in each block's
-    permutation; with guide_blocks='deep' only the deep block (flow.blocks[-1]) is guided."""
+    Gaussians with the rule's formula in tests/reference.py, sigma = exp(alpha). The tokens are
+    visited in each block's permutation; with guide_blocks='deep' only the deep block
+    (flow.blocks[-1]) is guided."""
     null = torch.full_like(y, flow.num_classes)
+    combine = reference_rule(rule)
 
     def gaussian(block, x, labels, p):
         x0, x1 = x.clone(), x.clone()
@@ -105,40 +109,76 @@ def reference_reverse(flow, z, y, w, guide_blocks='all'):
             mu, sigma = mu_c, sigma_c
             if wk > 0:
                 mu_u, sigma_u = gaussian(block, x, null, p)
-                s = torch.minimum(sigma_c / sigma_u, torch.ones_like(sigma_c)) ** 2
-                sigma = sigma_c / torch.sqrt(1 + wk - wk * s)
-                mu = ((1 + wk) * mu_c - wk * s * mu_u) / (1 + wk - wk * s)
+                mu, sigma = combine(mu_c, sigma_c, mu_u, sigma_u, wk)
             x[:, p] = u[:, p] * sigma + mu
     return x
 
 
+@pytest.mark.parametrize("rule", list(GUIDANCE_RULES))
 @pytest.mark.parametrize("w", [0.0, 1.5])
-def test_kv_cached_reverse_matches_recompute(w):
+def test_kv_cached_reverse_matches_recompute(w, rule):
     flow = make_flow()
     z = torch.randn(3, N, D, dtype=torch.float64)
     y = torch.tensor([0, 2, 1])
-    fast = flow.reverse(z, y, guidance=w)
-    ref = reference_reverse(flow, z, y, w)
+    fast = flow.reverse(z, y, guidance=w, rule=rule)
+    ref = reference_reverse(flow, z, y, w, rule=rule)
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-9)
     if w > 0:  # guidance really moved the samples
         assert (fast - flow.reverse(z, y)).abs().max() > 1e-2
 
 
-def test_guided_gaussian_formula():
+@pytest.mark.parametrize("rule", list(GUIDANCE_RULES))
+def test_guidance_rule_matches_its_reference(rule):
+    """GUIDANCE_RULES[rule] (alpha = log sigma) equals its float64 formula in tests/reference.py;
+    with w = 0 it is the conditional Gaussian, as reverse without guidance."""
+    g = torch.Generator().manual_seed(0)
+    mu_c, mu_u, a_c, a_u = torch.randn(4, 1000, generator=g, dtype=torch.float64)
+    for w in (0.0, 0.5, 2.5):
+        mu, sigma = GUIDANCE_RULES[rule](mu_c, a_c, mu_u, a_u, w)
+        ref_mu, ref_sigma = reference_rule(rule)(mu_c, a_c.exp(), mu_u, a_u.exp(), w)
+        torch.testing.assert_close(mu, ref_mu, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sigma, ref_sigma, rtol=1e-12, atol=1e-12)
+    mu0, sigma0 = GUIDANCE_RULES[rule](mu_c, a_c, mu_u, a_u, 0.0)
+    torch.testing.assert_close(mu0, mu_c)
+    torch.testing.assert_close(sigma0, a_c.exp())
+
+
+def test_starflow_reference_is_the_tempered_product():
+    """The reference itself, another way: the Gaussian proportional to p_c^(1+w) / p_u^w where that
+    is normalisable, with sigma_u replaced by sigma_c where sigma_c > sigma_u (s = 1)."""
     g = torch.Generator().manual_seed(0)
     mu_c, mu_u, a_c, a_u = torch.randn(4, 1000, generator=g, dtype=torch.float64)
     w = 2.5
-    mu, sigma = guided_gaussian(mu_c, a_c, mu_u, a_u, w)
-    # Direct: the Gaussian proportional to p_c^(1+w) / p_u^w where that is normalisable, and
-    # sigma_u replaced by sigma_c where sigma_c > sigma_u (s = 1).
     s_c, s_u = a_c.exp(), a_u.exp()
+    mu, sigma = starflow_guidance(mu_c, s_c, mu_u, s_u, w)
     s_u = torch.maximum(s_u, s_c)
     prec = (1 + w) / s_c**2 - w / s_u**2
     torch.testing.assert_close(sigma, prec.rsqrt())
     torch.testing.assert_close(mu, ((1 + w) * mu_c / s_c**2 - w * mu_u / s_u**2) / prec)
-    mu0, sigma0 = guided_gaussian(mu_c, a_c, mu_u, a_u, 0.0)  # w = 0: the conditional Gaussian
-    torch.testing.assert_close(mu0, mu_c)
-    torch.testing.assert_close(sigma0, s_c)
+
+
+def test_a_rule_without_reference_fails_naming_it():
+    """A fork's rule in GUIDANCE_RULES but not in REFERENCE_RULES fails the guidance tests, not skips them."""
+    assert set(GUIDANCE_RULES) <= set(REFERENCE_RULES)
+    with pytest.raises(LookupError, match=r"guidance rule 'mine' .* add one to REFERENCE_RULES in tests/reference\.py"):
+        reference_rule('mine')
+
+
+def test_a_forks_rule_reaches_every_guided_block(monkeypatch):
+    """A rule added to GUIDANCE_RULES and REFERENCE_RULES is sampled by reverse(rule=...) as its reference
+    says, in every block or the deep one (here CFG on the mean only: mu_c + w (mu_c - mu_u), sigma_c)."""
+    def mean_cfg(mu_c, alpha_c, mu_u, alpha_u, w):
+        return mu_c + w * (mu_c - mu_u), torch.exp(alpha_c)
+
+    def mean_cfg_reference(mu_c, sigma_c, mu_u, sigma_u, w):
+        return (1 + w) * mu_c - w * mu_u, sigma_c
+    monkeypatch.setitem(GUIDANCE_RULES, 'mean-cfg', mean_cfg)
+    monkeypatch.setitem(REFERENCE_RULES, 'mean-cfg', mean_cfg_reference)
+    test_kv_cached_reverse_matches_recompute(1.5, 'mean-cfg')
+    test_guide_deep_block_matches_reference('mean-cfg')
+    flow = make_flow()
+    z, y = torch.randn(3, N, D, dtype=torch.float64), torch.tensor([0, 2, 1])
+    assert (flow.reverse(z, y, guidance=1.5, rule='mean-cfg') - flow.reverse(z, y, guidance=1.5)).abs().max() > 1e-3
 
 
 def test_null_label_and_guidance_zero():
@@ -294,6 +334,8 @@ def test_orderings_alternate_and_deep_block_last():
     (lambda f: TARFlow(D, N, 32, [1], head_dim=16, num_classes=-1), r"num_classes must be >= 0"),
     (lambda f: f.reverse(torch.randn(2, N, D), guide_blocks='top'), r"guide_blocks must be 'all' or 'deep'"),
     (lambda f: f.reverse(torch.randn(2, N, D), guide_blocks=None), r"guide_blocks must be"),
+    (lambda f: f.reverse(torch.randn(2, N, D), rule='nope'), r"rule must be one of GUIDANCE_RULES \(starflow"),
+    (lambda f: f.reverse(torch.randn(2, N, D), rule=['starflow']), r"rule must be one of GUIDANCE_RULES"),
     (lambda f: TARFlow(D, N, 32, [1, 1], head_dim=16, permutations=[[0, 1, 2, 3, 4]]),
      r"permutations must be None or 2 lists of ints \(one per block\), each a permutation of range\(5\)"),
     (lambda f: TARFlow(D, N, 32, [1], head_dim=16, permutations=[[0, 1, 2, 3, 3]]), r"permutations must be"),
@@ -320,7 +362,8 @@ def test_unconditional_flow_accepts_only_null_label():
 
 # ----------------------------------------------------------------------------- guidance of the deep block only
 
-def test_guide_deep_block_matches_reference():
+@pytest.mark.parametrize("rule", list(GUIDANCE_RULES))
+def test_guide_deep_block_matches_reference(rule):
     """guide_blocks='deep': the deep block (run first) guided, the shallow ones conditional with w = 0."""
     flow = make_flow(depths=(1, 2, 1, 2))
     z = torch.randn(3, N, D, dtype=torch.float64)
@@ -332,14 +375,15 @@ def test_guide_deep_block_matches_reference():
             batch.setdefault(k, inputs[0].shape[0])  # returns None: the output is left as it is
         return hook
     hooks = [b.proj_in.register_forward_hook(record(k)) for k, b in enumerate(flow.blocks)]
-    fast = flow.reverse(z, y, guidance=1.5, guide_blocks='deep')
+    fast = flow.reverse(z, y, guidance=1.5, guide_blocks='deep', rule=rule)
     for h in hooks:
         h.remove()
     assert batch == {0: 3, 1: 3, 2: 3, 3: 6}
-    torch.testing.assert_close(fast, reference_reverse(flow, z, y, 1.5, guide_blocks='deep'), rtol=0, atol=1e-9)
-    assert (fast - flow.reverse(z, y, guidance=1.5)).abs().max() > 1e-2  # differs from guiding every block
+    ref = reference_reverse(flow, z, y, 1.5, guide_blocks='deep', rule=rule)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-9)
+    assert (fast - flow.reverse(z, y, guidance=1.5, rule=rule)).abs().max() > 1e-2  # differs from guiding every block
     assert (fast - flow.reverse(z, y)).abs().max() > 1e-2  # and from no guidance
-    assert torch.equal(flow.reverse(z, y, guidance=0.0, guide_blocks='deep'), flow.reverse(z, y))
+    assert torch.equal(flow.reverse(z, y, guidance=0.0, guide_blocks='deep', rule=rule), flow.reverse(z, y))
 
 
 # ----------------------------------------------------------------------------- orderings as data

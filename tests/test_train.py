@@ -5,6 +5,7 @@ normalises the compact features, the other compressors (linear, identity, PCA = 
 stage 2 through their checkpoints, one-line data errors and the NaN stop."""
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -23,13 +24,14 @@ import common
 import losses
 import train_flow
 import train_src
-from src import Stage1, load_stage1
+from src import COMPRESSORS, Stage1, load_stage1
 from tarflow import load_flow, nll_per_dim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = [(220, 40, 40), (40, 200, 60)]
 TINY_DECODER = ["--train-decoder", "--decoder-width", "64", "--decoder-depth", "1", "--decoder-heads", "1",
                 "--decoder-mlp", "128"]
+TINY_DISC = ["--disc", "patch", "--disc-width", 8]
 
 
 def run(script, args, nproc=1, check=True):
@@ -77,11 +79,23 @@ def toy(tmp_path_factory):
     return tmp
 
 
-def src_args(toy, out, extra=(), decoder=TINY_DECODER):
+def src_args(toy, out, extra=(), decoder=TINY_DECODER, kind="src", d=8, disc=TINY_DISC):
     return ["--data", toy / "data", "--out", out, "--encoder", toy / "dinov2.pth", *decoder,
-            "--image-size", 32, "--src-dim", 8, "--src-depth", 1, "--perceptual-weight", 0, "--disc", "patch",
-            "--disc-width", 8, "--disc-start", 1, "--disc-upd-start", 0, "--epochs", 2, "--batch-size", 4,
-            "--num-workers", 0, "--grid-every", 3, "--log-every", 1, "--device", "cpu", *extra]
+            "--image-size", 32, *compressor_flags(kind, d), "--perceptual-weight", 0, *disc, "--disc-start", 1,
+            "--disc-upd-start", 0, "--epochs", 2, "--batch-size", 4, "--num-workers", 0, "--grid-every", 3,
+            "--log-every", 1, "--device", "cpu", *extra]
+
+
+def compressor_flags(kind, d):
+    """--compressor kind with the toy sizes its constructor takes: --src-dim d, --src-depth 1 (train_src.py
+    refuses a flag whose argument the kind lacks: identity has no d, linear no depth)."""
+    params = inspect.signature(COMPRESSORS[kind]).parameters
+    flags = ["--compressor", kind]
+    if "d" in params:
+        flags += ["--src-dim", d]
+    if "depth" in params:
+        flags += ["--src-depth", 1]
+    return flags
 
 
 def flow_args(toy, stage1, out, extra=()):
@@ -470,9 +484,9 @@ def test_cli_errors_are_one_line(tmp_path, toy, stage1, capsys):
     torch.save({f"features.{i}.weight": torch.zeros(64, 64, 3, 3) for i in range(4)}, tmp_path / "full.pth")
     cut = tmp_path / "full.pth"
     (tmp_path / "cut.pth").write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])
-    for flags in (["--perceptual-weight", 1, "--lpips-vgg", tmp_path / "cut.pth", "--lpips-lin", cut],
-                  ["--disc", "dino", "--disc-encoder", tmp_path / "cut.pth"]):
-        code, (out, err) = cli(train_src, src_args(toy, tmp_path / "o5", flags), capsys, "both")
+    lpips_flags = ["--perceptual-weight", 1, "--lpips-vgg", tmp_path / "cut.pth", "--lpips-lin", cut]
+    for flags, disc in ((lpips_flags, TINY_DISC), (["--disc", "dino", "--disc-encoder", tmp_path / "cut.pth"], [])):
+        code, (out, err) = cli(train_src, src_args(toy, tmp_path / "o5", flags, disc=disc), capsys, "both")
         errors = [l for l in err.splitlines() if l.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and "cut.pth" in errors[0] and "Traceback" not in err, err
         assert "computing the RAE statistics" not in out, out
@@ -483,10 +497,13 @@ def test_every_argument_has_help_and_paper_defaults():
         for action in parser._actions:
             assert action.help, action.dest
     s = train_src.build_parser().parse_args(["--data", "d", "--out", "o", "--encoder", "e"])
-    assert (s.lr, s.min_lr, s.epochs, s.batch_size, s.noise_max, s.src_dim, s.src_depth) == \
-        (2e-4, 2e-5, 16, 256, 0.8, 32, 4)
+    assert (s.lr, s.min_lr, s.epochs, s.batch_size, s.noise_max) == (2e-4, 2e-5, 16, 256, 0.8)
     assert (s.disc_weight, s.disc_start, s.disc_upd_start, s.perceptual_weight) == (0.75, 8, 6, 1.0)
-    assert s.compressor == "src"
+    # --src-dim and --src-depth not given: the compressor's own defaults, the paper's d = 32, L = 4 for the SRC
+    assert s.compressor == "src" and s.src_dim is None and s.src_depth is None
+    with torch.device("meta"):                                              # shapes only, no memory
+        C = train_src.build_compressor(s, 768)
+    assert (C.d, C.depth) == (32, 4)
     # RAE's stage 1 (configs/stage1/training/DINOv2-B_decXL.yaml); the flow's is the paper's
     assert s.ema_decay == 0.9978
     assert s.crop == "random"           # RAE's stage-1 crop
@@ -566,23 +583,23 @@ def training_images(toy):
     return torch.stack([ds[i][0] for i in range(len(ds))]).float() / 255
 
 
-@pytest.mark.parametrize("kind", ["linear", "identity", "conv"])
+# every kind of src.COMPRESSORS (a fork's too) but the SRC, which the stage1 and stage2 fixtures run
+@pytest.mark.parametrize("kind", [kind for kind in COMPRESSORS if kind != "src"])
 def test_other_compressors_train_round_trip_and_drive_stage2(toy, kind, capsys):
-    """linear and conv at d = 4 and identity (d = n = 64), D trained with them: one step (a --max-steps stop writes
-    norm2), then save -> load_stage1 gives the pipeline rebuilt by hand, a 2-step flow runs on it and sample.py
-    samples from that flow."""
+    """Each kind at d = 4 (identity: d = n = 64), D trained with it: one step (a --max-steps stop writes norm2),
+    then save -> load_stage1 gives the pipeline rebuilt by hand, a 2-step flow runs on it and sample.py samples
+    from that flow."""
     import sample
     import rae
-    from src import COMPRESSORS
     out, ckpt_path = toy / f"s1_{kind}", toy / f"s1_{kind}" / "checkpoint.pt"
-    code, stdout = cli(train_src, src_args(toy, out, ["--compressor", kind, "--src-dim", 4, "--max-steps", 1,
-                                                     "--grid-every", 0]), capsys, "out")
+    args = src_args(toy, out, ["--max-steps", 1, "--grid-every", 0], kind=kind, d=4)
+    code, stdout = cli(train_src, args, capsys, "out")
     assert code == 0 and f"--stage1 {ckpt_path}" in stdout                  # tells what stage 2 needs
     ckpt = load(ckpt_path)
     assert ckpt["step"] == 1 and ckpt["norm2"] is not None and ckpt["compressor"]["kind"] == kind
     assert [json.loads(l)["step"] for l in open(out / "log.jsonl")] == [1]
     s1 = load_stage1(str(ckpt_path))
-    d = 64 if kind == "identity" else 4
+    d = 4 if "d" in inspect.signature(COMPRESSORS[kind]).parameters else 64     # identity: d = n
     assert s1.C.kind == kind and s1.C.d == d and s1.mean2.shape == s1.var2.shape == (d,)
     # the same pipeline rebuilt by hand from the stored states (EMA weights)
     D = rae.RAEDecoder(**ckpt["decoder"]["config"])
@@ -612,7 +629,7 @@ def test_pca_compressor_is_the_svd_of_the_training_features(toy, tmp_path, capsy
     dec = rae.RAEDecoder(in_dim=64, hidden=768, depth=1, num_heads=12, mlp_dim=128, patch_size=16, num_patches=4)
     torch.save(dec.state_dict(), tmp_path / "model.pt")
     out = tmp_path / "s1_pca"
-    args = src_args(toy, out, ["--compressor", "pca", "--perceptual-weight", 1], ["--decoder", tmp_path / "model.pt"])
+    args = src_args(toy, out, ["--perceptual-weight", 1], ["--decoder", tmp_path / "model.pt"], kind="pca")
     code, stdout = cli(train_src, args, capsys, "out")
     assert code == 0 and "nothing to train" in stdout                  # C and D frozen: no loop, no LPIPS needed
     ckpt = load(out / "checkpoint.pt")
