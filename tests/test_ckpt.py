@@ -20,7 +20,9 @@ import common
 import sample
 import train_flow
 from tarflow import load_flow
-from test_train import assert_equal_states, cli, flow_args, load, max_diff, run, stage1, toy  # noqa: F401
+# the toy data and stage 1 (pytest fixtures) of test_train
+from test_train import (assert_equal_states, cli, flow_args, load, max_diff, run,  # noqa: F401
+                        stage1, toy)
 
 
 def shards_of(out):
@@ -71,8 +73,8 @@ def test_sharded_checkpoints_resume_exactly_and_on_another_number_of_ranks(toy, 
     assert record["shards"] == "shards-0000009"
 
     # 1 -> 2 -> 1 processes: the step-4 checkpoint resumed on 2 up to the epoch's end, then on 1
-    run("train_flow.py", flow_args(toy, stage1, toy / "c12", ["--fsdp", "--grid-every", 0,
-                                                             "--max-steps", 6, "--resume"]), nproc=2)
+    extra = ["--fsdp", "--grid-every", 0, "--max-steps", 6, "--resume"]
+    run("train_flow.py", flow_args(toy, stage1, toy / "c12", extra), nproc=2)
     assert sorted(os.listdir(toy / "c12")) == ["checkpoint.pt", "log.jsonl", "shards-0000006"]
     assert sorted(os.listdir(toy / "c12" / "shards-0000006")) == [".metadata", "__0_0.distcp",
                                                                   "__1_0.distcp"]
