@@ -11,11 +11,13 @@ become floats in [0, 1] on the device.
 """
 
 import datetime
+import errno
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -443,23 +445,92 @@ def restore_rng(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write(path, write, mode="wb"):
-    """write(f) into path + '.tmp', flush it to disk, then rename: a killed run (or a crashed
-    machine) never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+def atomic_write(path, write, mode="wb", size=None, sync=True):
+    """write(f) into path + '.tmp', then rename it to path: a killed run never leaves half a
+    file. sync: the file is flushed to disk before the rename and the folder after it, so that
+    a crashed machine keeps either file whole; sync=False for many small files (sample.py's
+    PNGs), which a crash may lose. A full disk is one line (UserError) naming the file, the
+    space it needs (`size` bytes if known) and the space free; the partial file is removed and
+    an earlier `path` is kept."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not disk_full(e):
+            raise
+        kept = os.path.basename(path) if os.path.exists(path) else None
+        raise UserError(no_space(path, size, written, kept)) from None
+    if sync:
+        sync_folder(folder)
+
+
+def sync_folder(folder):
+    """fsync a folder: a rename (or a new file) in it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def disk_full(e):
+    """Whether exception e, or one it was raised while handling, is a full disk or quota (a
+    write inside torch.save surfaces as a RuntimeError raised during the OSError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def no_space(path, size, written=0, kept=None):
+    """The one line of a write to `path` that found the disk full, once its partial file is
+    gone: the size it needs (`size` bytes, or more than `written`), the space free, and the
+    earlier file that is kept (`kept`: its name, None if none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    need = f"needs ~{human_bytes(size)}" if size else f"needs more than {human_bytes(written)}"
+    line = f"{path}: no space left on device (it {need}, {human_bytes(free)} free)"
+    if kept:
+        line += f"; the previous {kept} is kept"
+    return line
+
+
+def human_bytes(n):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors in obj (nested dicts, lists and tuples): a checkpoint's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), size=tensor_bytes(obj))
 
 
 def save_json(obj, path):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"), mode="w")
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text), mode="w", size=len(text.encode()))
 
 
 def load_checkpoint(path, stage):

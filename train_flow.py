@@ -10,21 +10,26 @@ N d is the logged `loss` (nats per dimension; `bpd` adds the Gaussian constant, 
 become the flow's null label with probability 0.1, for classifier-free guidance. --batch-size is
 the global batch. A step's randomness (flips, eps, label drops) is drawn for the global batch from
 (seed, step) and each rank takes its rows: N processes follow one process's trajectory. Outputs
-in --out: checkpoint.pt (what sample.py reads), log.jsonl, samples/*.png.
+in --out: checkpoint.pt (what sample.py reads), log.jsonl, samples/*.png; under --fsdp also
+shards-<step>/, the training state each rank wrote (checkpoint.pt names it; see write_checkpoint).
 """
 
 import argparse
 import os
+import shutil
 import sys
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
+    get_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
+    set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -38,6 +43,8 @@ from src import load_stage1
 from tarflow import SIZES, TARFlow, bits_per_dim, nll_per_dim
 
 GRID_SAMPLES = 8
+# --fsdp: the folders of sharded training state, shards-<step> (checkpoint.pt names the current)
+SHARDS = "shards-"
 
 
 # ---- The flow, its sharding and a step's randomness
@@ -195,7 +202,7 @@ def main(args):
         common.check_built(ckpt_path, "flow_kind", resume["flow_kind"], TARFlow.__name__)
         common.check_built(ckpt_path, "flow_config", resume["flow_config"], flow.config())
         common.check_built(ckpt_path, "stage1", resume["stage1_fingerprint"], stage1_print)
-    step = restore(resume, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
+    step = restore(resume, out=args.out, flow=flow, ema=ema, opt=opt, fsdp=args.fsdp)
     resumed = resume is not None
     # the checkpoint's mapping is released once nothing refers to it
     del resume
@@ -288,12 +295,13 @@ def main(args):
                     path=path,
                 )
             if ckpt_due:
-                # a collective under --fsdp: every rank gathers, rank 0 writes
-                states = gather_states(flow, ema=ema, opt=opt, fsdp=args.fsdp)
-                log.save(step, lambda: checkpoint_record(
-                    args, step=step, flow=flow, states=states, num_classes=num_classes,
-                    image_size=image_size, stage1_print=stage1_print, precision=precision,
-                    world=world, steps_per_epoch=steps_per_epoch))
+                record = checkpoint_record(
+                    args, step=step, flow=flow, num_classes=num_classes, image_size=image_size,
+                    stage1_print=stage1_print, precision=precision, world=world,
+                    steps_per_epoch=steps_per_epoch)
+                # a collective under --fsdp: every rank writes its shards
+                write_checkpoint(args.out, record, log=log, flow=flow, ema=ema, opt=opt,
+                                 fsdp=args.fsdp)
             if step >= stop:
                 break
     log.bar.close()
@@ -343,24 +351,12 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
     common.save_grid(images, path, nrow=GRID_SAMPLES, labels=names)
 
 
-def gather_states(flow, ema, opt, fsdp):
-    """The flow's, the EMA's and the optimizer's state dicts: under --fsdp gathered whole onto
-    rank 0's host (a collective: every rank calls it; the others get empty dicts)."""
-    if not fsdp:
-        return flow.state_dict(), ema.state_dict(), opt.state_dict()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    flow_state = get_model_state_dict(flow, options=options)
-    ema_state = get_model_state_dict(ema, options=options)
-    opt_state = get_optimizer_state_dict(flow, opt, options=options)
-    return flow_state, ema_state, opt_state
-
-
-def checkpoint_record(args, step, flow, states, num_classes, image_size, stage1_print, precision,
+def checkpoint_record(args, step, flow, num_classes, image_size, stage1_print, precision,
                       world, steps_per_epoch):
-    """What checkpoint.pt holds: the flow's kind and config() (so that a fork that swaps the flow
-    reloads exactly what it saved, or fails loudly), its weights, the EMA's and the optimizer's
-    (`states`, from gather_states), RNG, and the stage-1 record sample.py needs (its path, the
-    fingerprint of its weights and statistics, its noise)."""
+    """What checkpoint.pt holds besides the weights: the flow's kind and config() (so that a
+    fork that swaps the flow reloads exactly what it saved, or fails loudly), RNG, and the
+    stage-1 record sample.py needs (its path, the fingerprint of its weights and statistics,
+    its noise)."""
     return dict(
         stage="flow",
         args=vars(args),
@@ -369,9 +365,6 @@ def checkpoint_record(args, step, flow, states, num_classes, image_size, stage1_
         # the class built (FSDP wraps it in another)
         flow_kind=TARFlow.__name__,
         flow_config=flow.config(),
-        flow=states[0],
-        flow_ema=states[1],
-        optimizer=states[2],
         rng=common.capture_rng(),
         stage1=os.path.abspath(args.stage1),
         stage1_fingerprint=stage1_print,
@@ -385,21 +378,85 @@ def checkpoint_record(args, step, flow, states, num_classes, image_size, stage1_
     )
 
 
-def restore(resume, flow, ema, opt, fsdp):
-    """Load a checkpoint's states (each rank takes its shards under --fsdp); returns its step. A
-    fresh run (resume None) starts at step 0."""
+def write_checkpoint(out, record, log, flow, ema, opt, fsdp):
+    """out/checkpoint.pt: `record` and the weights. Without --fsdp rank 0 writes the flow's, the
+    EMA's and AdamW's state dicts into it. Under --fsdp (a collective) each rank first writes its
+    shards of the three into shards-<step>/ (save_shards); then checkpoint.pt gets the EMA
+    gathered whole onto rank 0's host (what sample.py reads: no distributed code there) and the
+    folder's name, and the previous folder goes. A killed save leaves the previous checkpoint.pt
+    and the shards it names whole."""
+    step = record["step"]
+    if not fsdp:
+        states = dict(flow=flow.state_dict(), flow_ema=ema.state_dict(),
+                      optimizer=opt.state_dict())
+        log.save(step, lambda: dict(record, **states))
+        return
+    shards = save_shards(out, step, flow=flow, ema=ema, opt=opt)
+    # rank 0 gets the EMA (a quarter of the training state), the others an empty dict
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ema_state = get_model_state_dict(ema, options=whole)
+    try:
+        log.save(step, lambda: dict(record, flow_ema=ema_state, shards=shards))
+    except UserError:
+        # a full disk: checkpoint.pt still names the previous shards
+        shutil.rmtree(os.path.join(out, shards))
+        raise
+    if log.master:
+        for name in os.listdir(out):
+            if name.startswith(SHARDS) and name != shards:
+                shutil.rmtree(os.path.join(out, name))
+
+
+def save_shards(out, step, flow, ema, opt):
+    """Each rank writes its shards of the flow, the EMA and AdamW's state (DCP: a file per rank
+    and a .metadata index, readable on any number of ranks) into out/shards-<step>.tmp/, which
+    rank 0 renames to shards-<step> once all are written; returns that name. A full disk on any
+    rank is one line on every rank, after rank 0 removed the partial folder."""
+    name = f"{SHARDS}{step:07d}"
+    final = os.path.join(out, name)
+    tmp = final + ".tmp"
+    master = dist.get_rank() == 0
+    if master:  # left by a killed save
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+    dist.barrier()
+    flow_state, opt_state = get_state_dict(flow, opt)
+    state = dict(flow=flow_state, flow_ema=get_model_state_dict(ema), optimizer=opt_state)
+    try:
+        dcp.save(state, storage_writer=FileSystemWriter(tmp))
+    except CheckpointException as e:  # (raised on every rank)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        errors = [error for error, _ in e.failures.values()]
+        if not any(common.disk_full(error) for error in errors):
+            raise RuntimeError(f"{tmp}: {errors[0]!r}") from None
+        kept = "checkpoint.pt" if os.path.exists(os.path.join(out, "checkpoint.pt")) else None
+        # a DTensor counts its global size: all the ranks' shards together
+        raise UserError(common.no_space(final, common.tensor_bytes(state), kept=kept)) from None
+    if master:
+        os.replace(tmp, final)
+        common.sync_folder(out)
+    return name
+
+
+def restore(resume, out, flow, ema, opt, fsdp):
+    """Load a checkpoint's states (under --fsdp each rank reads its shards of the folder that
+    checkpoint.pt names, on any number of ranks); returns its step. A fresh run (resume None)
+    starts at step 0."""
     if resume is None:
         return 0
     if fsdp:
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(flow, resume["flow"], options=options)
-        set_model_state_dict(ema, resume["flow_ema"], options=options)
-        set_optimizer_state_dict(
-            model=flow,
-            optimizers=opt,
-            optim_state_dict=resume["optimizer"],
-            options=options,
-        )
+        folder = os.path.join(out, resume.get("shards") or "(none)")
+        if not os.path.isdir(folder):
+            raise UserError(f"--resume: {folder}: no such folder (the shards checkpoint.pt "
+                            f"names)")
+        flow_state, opt_state = get_state_dict(flow, opt)
+        state = dict(flow=flow_state, flow_ema=get_model_state_dict(ema), optimizer=opt_state)
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(flow, opt, model_state_dict=state["flow"],
+                       optim_state_dict=state["optimizer"])
+        set_model_state_dict(ema, state["flow_ema"])
     else:
         flow.load_state_dict(resume["flow"])
         ema.load_state_dict(resume["flow_ema"])

@@ -772,19 +772,27 @@ def test_an_error_on_one_rank_ends_the_job_within_seconds(toy, stage1, stage2, s
 def test_fsdp_matches_one_process_resumes_exactly_and_samples(toy, stage1, stage2, capsys):
     """train_flow.py --fsdp with 2 processes (gloo) == 1 plain process with the same global batch,
     its --resume == an uninterrupted --fsdp run bit for bit, and sample.py reads its checkpoint
-    (full state dicts with the plain layout's keys) as the same weights saved without FSDP."""
+    (the EMA's full state dict with the plain layout's keys) as the same weights saved without
+    FSDP. The flow and AdamW are in the shards (tests/test_ckpt.py)."""
     import sample
     from tarflow import TARFlow
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def states(out):  # checkpoint.pt's record, its shards as one process reads them
+        record = load(out / "checkpoint.pt")
+        dcp_to_torch_save(out / record["shards"], out / "shards.pt")
+        return dict(record, flow=load(out / "shards.pt")["flow"])
+
     run("train_flow.py", flow_args(toy, stage1, toy / "s2f", ["--fsdp"]), nproc=2)
     plain = load(stage2)
-    fsdp = load(toy / "s2f" / "checkpoint.pt")
+    fsdp = states(toy / "s2f")
     assert fsdp["step"] == plain["step"] == 9 and fsdp["args"]["fsdp"]
     for key in ("flow", "flow_ema"):
         assert {k: v.shape for k, v in fsdp[key].items()} == {k: v.shape for k, v in plain[key].items()}
         assert max_diff(plain[key], fsdp[key]) < 1e-4, key           # summation order only
     run("train_flow.py", flow_args(toy, stage1, toy / "s2fr", ["--fsdp", "--max-steps", 4]), nproc=2)
     run("train_flow.py", flow_args(toy, stage1, toy / "s2fr", ["--fsdp", "--resume"]), nproc=2)
-    resumed = load(toy / "s2fr" / "checkpoint.pt")
+    resumed = states(toy / "s2fr")
     for key in ("flow", "flow_ema"):
         assert_equal_states(fsdp[key], resumed[key])
     code, err = cli(train_flow, flow_args(toy, stage1, toy / "s2fr", ["--resume"]), capsys)
