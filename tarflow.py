@@ -29,8 +29,11 @@ A fork adds a guidance rule to GUIDANCE_RULES (beside guided_gaussian): a name -
 tests/reference.py's REFERENCE_RULES. reverse(rule=...), sample.py --guidance-rule,
 evaluate.py's sweep and the guidance tests read the dict.
 
-The Transformer may run under bf16 autocast; the affine arithmetic, the log-det and the tokens
-between blocks stay in float32 (float64 for a float64 flow and input).
+Training (`forward`) computes each layer's adaLN modulation inside the layer, from the block's
+c = SiLU(class embedding), so that a layer is one unit of train_flow.py's sharding; sampling
+computes every layer's once per block (`conditioning`) for all its token steps. The Transformer
+may run under bf16 autocast; the residual stream, the affine arithmetic, the log-det and the
+tokens between blocks stay in float32 (float64 for a float64 flow and input).
 """
 
 import math
@@ -38,6 +41,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError, load_checkpoint
@@ -115,16 +119,20 @@ class Layer(nn.Module):
         (B, 1, C)."""
         return self.ada(c).unsqueeze(1).chunk(6, dim=-1)
 
-    def forward(self, h, mod):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
-        return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+    def forward(self, h, c):
+        """Training: h (B, N, C) with c (B, C). The layer computes its own modulation, so that
+        train_flow.py --fsdp gathers its adaLN weights with the rest of the layer (one unit)."""
+        return self.residual(h, self.modulation(c), self.attn)
 
     def step(self, h, mod, cache, i):
-        """forward() for token i alone (B, 1, C), its key and value written into cache."""
+        """Sampling: forward() for token i alone (B, 1, C), with the modulation computed once
+        per block (FlowBlock.conditioning); its key and value are written into cache."""
+        return self.residual(h, mod, lambda x: self.attn.step(x, cache, i))
+
+    def residual(self, h, mod, attend):
+        """The two adaLN-Zero residual branches: h + gate * branch(modulate(norm(h)))."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        attn_in = modulate(self.norm1(h), shift_msa, scale_msa)
-        h = h + gate_msa * self.attn.step(attn_in, cache, i)
+        h = h + gate_msa * attend(modulate(self.norm1(h), shift_msa, scale_msa))
         return h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
 
 
@@ -156,19 +164,10 @@ class FlowBlock(nn.Module):
     def __init__(self, in_channels, num_tokens, channels, depth, head_dim, num_classes, mlp_ratio,
                  perm):
         super().__init__()
-        natural = list(range(num_tokens))
-        inverse = sorted(natural, key=perm.__getitem__)
-        self.order = 'gather'
-        if perm == natural:
-            self.order = 'identity'
-        if perm == natural[::-1]:
-            self.order = 'reversed'
-        # The permutation is data (the flow's config), not state: the buffers are not saved.
-        self.register_buffer('perm', torch.tensor(perm), persistent=False)
-        self.register_buffer('inv_perm', torch.tensor(inverse), persistent=False)
+        self.set_order(perm)
         self.proj_in = nn.Linear(in_channels, channels)
         # position embeddings by reading step; the class embedding's last row is the null label
-        self.pos_embed = nn.Parameter(torch.randn(num_tokens, channels) * 0.02)
+        self.pos_embed = nn.Parameter(torch.empty(num_tokens, channels))
         self.class_embed = nn.Embedding(num_classes + 1, channels)
         layers = [Layer(channels, head_dim, mlp_ratio) for _ in range(depth)]
         self.layers = nn.ModuleList(layers)
@@ -179,6 +178,19 @@ class FlowBlock(nn.Module):
         # train_flow.py --checkpoint-activations: recompute the layers in backward
         self.checkpointing = False
 
+    def set_order(self, perm, device=None):
+        """Step i reads token perm[i]. The permutation is data (the flow's config), not state:
+        its index buffers are not saved, and are set again on a flow built on the meta device."""
+        natural = list(range(len(perm)))
+        inverse = sorted(natural, key=perm.__getitem__)
+        self.order = 'gather'
+        if perm == natural:
+            self.order = 'identity'
+        if perm == natural[::-1]:
+            self.order = 'reversed'
+        self.register_buffer('perm', torch.tensor(perm, device=device), persistent=False)
+        self.register_buffer('inv_perm', torch.tensor(inverse, device=device), persistent=False)
+
     def permute(self, y, inverse=False):
         """Natural token order -> this block's reading order (inverse=True: back)."""
         if self.order == 'identity':
@@ -187,28 +199,37 @@ class FlowBlock(nn.Module):
             return y.flip(1)
         return y.index_select(1, self.inv_perm if inverse else self.perm)
 
-    def conditioning(self, labels):
-        """The adaLN modulations of every layer and of the output for labels (B,): computed once."""
-        c = F.silu(self.class_embed(labels))
-        layer_mods = [layer.modulation(c) for layer in self.layers]
+    def condition(self, labels):
+        """c = SiLU(class embedding of labels (B,)) (B, C): what every adaLN modulation reads."""
+        return F.silu(self.class_embed(labels))
+
+    def out_modulation(self, c):
+        """The output layer's shift and scale (each (B, 1, C)) from c."""
         out_shift, out_scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-        return layer_mods, (out_shift, out_scale)
+        return out_shift, out_scale
+
+    def conditioning(self, labels):
+        """Sampling: the adaLN modulations of every layer and of the output for labels (B,),
+        computed once for all the token steps."""
+        c = self.condition(labels)
+        layer_mods = [layer.modulation(c) for layer in self.layers]
+        return layer_mods, self.out_modulation(c)
 
     def head(self, h, out_mod):
         """The last hidden states (B, n, C) -> [mu, alpha] for the next token (B, n, 2d)."""
         out_shift, out_scale = out_mod
         return self.proj_out(modulate(self.norm(h), out_shift, out_scale))
 
-    def params(self, y, layer_mods, out_mod):
+    def params(self, y, c):
         """(mu, alpha) of every token of y (B, N, d), already in reading order: token i sees
-        y_{<i}."""
+        y_{<i}. c = condition(labels); each layer computes its modulation from it."""
         h = self.proj_in(y.to(self.proj_in.weight.dtype)) + self.pos_embed
-        for layer, mod in zip(self.layers, layer_mods):
+        for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, mod, use_reentrant=False)
+                h = checkpoint(layer, h, c, use_reentrant=False)
             else:
-                h = layer(h, mod)
-        out = self.head(h, out_mod)
+                h = layer(h, c)
+        out = self.head(h, self.out_modulation(c))
         # shift by one, so token i's (mu, alpha) come from tokens < i; token 0 gets 0, 0
         out = F.pad(out[:, :-1], (0, 0, 1, 0))
         mu, alpha = out.to(affine_dtype(y)).chunk(2, dim=-1)
@@ -218,7 +239,7 @@ class FlowBlock(nn.Module):
         """Eq. 3 forward: y^{k+1} = (y^k - mu) * exp(-alpha); returns it and
         log|det| = -sum alpha."""
         y = self.permute(y)
-        mu, alpha = self.params(y, *self.conditioning(labels))
+        mu, alpha = self.params(y, self.condition(labels))
         y_next = (y.to(mu.dtype) - mu) * torch.exp(-alpha)
         return self.permute(y_next, inverse=True), -alpha.sum(dim=(1, 2))
 
@@ -259,8 +280,17 @@ class FlowBlock(nn.Module):
         return self.permute(y, inverse=True)
 
 
+def fill(param, value):
+    """param <- value, a host tensor of param's full shape: this rank's rows if FSDP sharded it."""
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
 class TARFlow(nn.Module):
-    """K = len(depths) autoregressive affine blocks over tokens (B, num_tokens, in_channels)."""
+    """K = len(depths) autoregressive affine blocks over tokens (B, num_tokens, in_channels).
+    Built on the default device, or on the meta device under `with torch.device('meta')`
+    (no memory, no weights: then to_empty and init_weights, or load_state_dict(assign=True))."""
 
     def __init__(self, in_channels, num_tokens, channels, depths, head_dim=64, num_classes=0,
                  mlp_ratio=4.0, permutations=None):
@@ -283,36 +313,67 @@ class TARFlow(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.permutations = perms
         self.null_label = num_classes
+        # the modules are built on the meta device, then placed and drawn by init_weights: one
+        # way to initialise, whether or not the caller builds on the meta device
+        device = torch.get_default_device()
         blocks = []
-        for depth, perm in zip(depths, perms):
-            block = FlowBlock(
-                in_channels=in_channels,
-                num_tokens=num_tokens,
-                channels=channels,
-                depth=depth,
-                head_dim=head_dim,
-                num_classes=num_classes,
-                mlp_ratio=mlp_ratio,
-                perm=perm,
-            )
-            blocks.append(block)
+        with torch.device('meta'):
+            for depth, perm in zip(depths, perms):
+                block = FlowBlock(
+                    in_channels=in_channels,
+                    num_tokens=num_tokens,
+                    channels=channels,
+                    depth=depth,
+                    head_dim=head_dim,
+                    num_classes=num_classes,
+                    mlp_ratio=mlp_ratio,
+                    perm=perm,
+                )
+                blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
-        self.initialize_weights()
+        if device.type != 'meta':
+            self.to_empty(device=device)
+            self.init_weights()
 
-    def initialize_weights(self):
-        """Xavier linears, N(0, 0.02) class embeddings; adaLN-Zero and a zero output layer, so a new
-        flow is the identity."""
+    @torch.no_grad()
+    def init_weights(self):
+        """The orders and all the weights of a flow placed by to_empty (train_flow.py builds on
+        the meta device, shards, then calls this). Each weight is drawn whole on the host from
+        torch's default generator, in the order TARFlow has always drawn them (a seed gives the
+        weights of earlier versions), and copied into its parameter, this rank's rows if sharded:
+        per block, PyTorch's default init of each module as it was built (drawn and dropped) and
+        pos_embed ~ N(0, 0.02^2) after proj_in's; then xavier-uniform linears with zero biases and
+        N(0, 0.02^2) class embeddings. adaLN-Zero and a zero output layer make a new flow the
+        identity."""
+        self.set_orders(self.blocks[0].pos_embed.device)
+        for block in self.blocks:
+            for m in block.modules():
+                # the draws of PyTorch's default init, as the module was built (values dropped)
+                if isinstance(m, nn.Linear):
+                    nn.Linear(m.in_features, m.out_features, device='cpu')
+                elif isinstance(m, nn.Embedding):
+                    nn.Embedding(m.num_embeddings, m.embedding_dim, device='cpu')
+                if m is block.proj_in:
+                    pos_embed = torch.randn(block.pos_embed.shape, device='cpu') * 0.02
+                    fill(block.pos_embed, pos_embed)
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
+                weight = torch.empty(m.weight.shape, device='cpu')
+                fill(m.weight, nn.init.xavier_uniform_(weight))
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
+                weight = torch.empty(m.weight.shape, device='cpu')
+                fill(m.weight, nn.init.normal_(weight, std=0.02))
         for block in self.blocks:
             zero = [block.ada_out, block.proj_out] + [layer.ada for layer in block.layers]
             for m in zero:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def set_orders(self, device):
+        """Each block's order as index buffers on device."""
+        for block, perm in zip(self.blocks, self.permutations):
+            block.set_order(perm, device)
 
     def config(self):
         """The constructor arguments, as flow checkpoints store them (`flow_config`)."""
@@ -511,13 +572,23 @@ def check_guidance(guidance, guide_blocks, rule):
 def load_flow(path, device="cpu", ema=True):
     """(flow, record) of a train_flow.py checkpoint: the flow rebuilt from its stored kind and
     config (EMA weights by default), in eval mode without gradients; record is the checkpoint
-    without its weights, optimizer and RNG states."""
+    without its weights, optimizer and RNG states. Built on the meta device, the flow takes the
+    checkpoint's tensors as they are read: on the CPU its weights stay memory-mapped from the
+    file (copy-on-write), no second copy."""
     ckpt = load_checkpoint(path, "flow")
     if ckpt.get("flow_kind") != TARFlow.__name__:
         raise UserError(f"{path}: flow kind {ckpt.get('flow_kind')!r}; this code builds "
                         f"{TARFlow.__name__}")
-    flow = TARFlow(**ckpt["flow_config"])
-    flow.load_state_dict(ckpt["flow_ema" if ema else "flow"])
+    with torch.device("meta"):
+        flow = TARFlow(**ckpt["flow_config"])
+    try:
+        flow.load_state_dict(ckpt["flow_ema" if ema else "flow"], assign=True)
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        detail = detail[:200]
+        raise UserError(f"{path}: its weights do not fit its flow_config: {detail}") from None
+    flow.set_orders(device)
     for key in ("flow", "flow_ema", "optimizer", "rng"):
         ckpt.pop(key, None)
     flow = flow.to(device).eval().requires_grad_(False)

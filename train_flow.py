@@ -15,7 +15,6 @@ shards-<step>/, the training state each rank wrote (checkpoint.pt names it; see 
 """
 
 import argparse
-import copy
 import os
 import shutil
 import sys
@@ -50,45 +49,80 @@ SHARDS = "shards-"
 
 # ---- The flow, its sharding and a step's randomness
 def build_flow(args, stage1, num_classes, device):
-    """The flow for z_c (B, N, d) of this stage 1, its EMA copy and AdamW (the paper's betas)."""
-    # identical initial weights on every rank
-    torch.manual_seed(args.seed)
-    flow = TARFlow(
+    """The flow for z_c (B, N, d) of this stage 1, its EMA copy and AdamW (the paper's betas;
+    fused on CUDA). Both are built on the meta device and sharded first under --fsdp, so that no
+    rank ever holds a whole model; then each rank places its part on the device and draws the
+    weights of TARFlow(...) for --seed (the same on every rank, whatever the sharding)."""
+    config = dict(
         in_channels=stage1.C.d,
         num_tokens=stage1.rae.decoder.num_patches,
         num_classes=num_classes,
         **SIZES[args.model],
-    ).to(device)
-    ema = copy.deepcopy(flow).requires_grad_(False).eval()
+    )
+    with torch.device("meta"):
+        flow = TARFlow(**config)
+        ema = TARFlow(**config).requires_grad_(False).eval()
     if args.fsdp:
-        shard(flow, device, precision=common.precision_of(args.precision, device))
-        shard(ema, device, precision="fp32")
+        precision = common.precision_of(args.precision, device)
+        shard(flow, device, precision=precision)
+        # the grids sample the EMA under the same autocast: its layers gathered in bf16 give
+        # the same numbers in half the memory
+        shard(ema, device, precision=precision)
+    flow.to_empty(device=device)
+    ema.to_empty(device=device)
+    # identical initial weights on every rank
+    torch.manual_seed(args.seed)
+    flow.init_weights()
+    ema.set_orders(device)
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), flow.parameters()):
+            ema_param.copy_(param)
     opt = torch.optim.AdamW(
         flow.parameters(),
         lr=args.lr,
         betas=(0.9, 0.999),
         weight_decay=0.0,
-        fused=device.type == "cuda" and not args.fsdp,
+        fused=device.type == "cuda",
     )
     return flow, ema, opt
 
 
 def shard(flow, device, precision):
-    """--fsdp (FSDP2): parameters, gradients and AdamW state split over the ranks, gathered one
-    flow block at a time in the forward and backward passes (a block computes its layers' class
-    modulations up front, so a block is the unit). bf16: gathered in bf16, gradients reduced in
-    float32; the inputs keep their dtype, so the affine arithmetic of eq. 3 stays float32."""
+    """--fsdp (FSDP2), as torchtitan shards a Transformer: one unit per Transformer layer, one per
+    flow block for the block's own weights (proj_in, pos_embed, class_embed, ada_out, proj_out),
+    then the root. Parameters, gradients and AdamW state are split over the ranks; a unit's
+    weights are gathered just before its forward and its backward, and freed after, so a rank
+    holds about one layer gathered at a time (two while the next is prefetched in backward), and
+    gathers overlap compute. The deep block's last layer and its head run last in the forward and
+    first in the backward: they stay gathered in between (reshard_after_forward off).
+
+    bf16 has the numerics of DDP under bf16 autocast. The layers' weights (all of them inputs of
+    linears, which autocast casts to bf16) are gathered in bf16: the same numbers, half the
+    traffic. The blocks' own weights are gathered in float32, so the position embedding enters the
+    residual stream h in float32, and h stays float32 through every layer, as under autocast
+    (gathered in bf16 too, the embeddings would make h bf16 from the first layer on). Gradients
+    are reduced in float32, and no unit casts its inputs: the affine arithmetic of eq. 3 stays
+    float32."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(cast_forward_inputs=False)
+    exact = MixedPrecisionPolicy(cast_forward_inputs=False)
+    layer_policy = exact
     if precision == "bf16":
-        policy = MixedPrecisionPolicy(
+        layer_policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16,
             reduce_dtype=torch.float32,
             cast_forward_inputs=False,
         )
+    last = flow.blocks[-1]
     for block in flow.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(flow, mesh=mesh, mp_policy=policy)
+        for layer in block.layers:
+            fully_shard(
+                layer,
+                mesh=mesh,
+                mp_policy=layer_policy,
+                reshard_after_forward=layer is not last.layers[-1],
+            )
+        fully_shard(block, mesh=mesh, mp_policy=exact, reshard_after_forward=block is not last)
+    fully_shard(flow, mesh=mesh, mp_policy=exact)
 
 
 def wrap_ddp(model, world, device):
@@ -280,8 +314,9 @@ def main(args):
 @torch.no_grad()
 def sample_grid(flow, stage1, guidance, seed, precision, path):
     """GRID_SAMPLES samples (eq. 10) from fixed prior noise, labels 0, 1, 2, ... (mod classes).
-    Under --fsdp every rank runs the flow, gathered whole for it (sampling is token by token,
-    so its blocks are gathered once, not at every token); rank 0 (path not None) decodes."""
+    Under --fsdp every rank runs the flow, one block at a time: TARFlow.reverse's loop written out
+    with each block (its own weights and its layers') gathered whole for its token steps, then
+    freed. Rank 0 (path not None) decodes."""
     shape = (GRID_SAMPLES, flow.num_tokens, flow.in_channels)
     gen = torch.Generator().manual_seed(seed)
     device = stage1.mean2.device
@@ -294,13 +329,20 @@ def sample_grid(flow, stage1, guidance, seed, precision, path):
         labels = labels.to(device)
     else:
         guidance = 0.0
-    sharded = [m for m in flow.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
+    # as TARFlow.reverse: one batch [cond; null] when guided, the deep block inverted first
+    labels = flow.check_labels(labels, GRID_SAMPLES, device, "reverse")
+    if guidance > 0:
+        labels = torch.cat([labels, torch.full_like(labels, flow.null_label)])
     with common.autocast(device, precision):
-        z_c = flow.reverse(u, labels, guidance=guidance)
-    for m in sharded:
-        m.reshard()
+        caches = flow.new_caches(len(labels), device)
+        z_c = u
+        for block in reversed(flow.blocks):
+            units = [m for m in block.modules() if isinstance(m, FSDPModule)]
+            for unit in units:
+                unit.unshard()
+            z_c = block.reverse(z_c, labels, caches, guidance=guidance)
+            for unit in units:
+                unit.reshard()
     # not rank 0
     if path is None:
         return
