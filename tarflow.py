@@ -579,10 +579,14 @@ def load_flow(path, device="cpu", ema=True):
     if ckpt.get("flow_kind") != TARFlow.__name__:
         raise UserError(f"{path}: flow kind {ckpt.get('flow_kind')!r}; this code builds "
                         f"{TARFlow.__name__}")
+    key = "flow_ema" if ema else "flow"
+    if key not in ckpt:  # an --fsdp run's checkpoint.pt holds the EMA only
+        raise UserError(f"{path}: holds no raw weights ('{key}'); an --fsdp run keeps them in "
+                        f"the shards-<step>/ folder it names: sample its EMA (drop --no-ema)")
     with torch.device("meta"):
         flow = TARFlow(**ckpt["flow_config"])
     try:
-        flow.load_state_dict(ckpt["flow_ema" if ema else "flow"], assign=True)
+        flow.load_state_dict(ckpt[key], assign=True)
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]

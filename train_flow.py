@@ -508,6 +508,8 @@ def check_args(args):
             raise UserError(f"{flag} must be positive, got {getattr(args, name)}")
     if not 0 <= args.label_drop < 1:
         raise UserError(f"--label-drop must lie in [0, 1), got {args.label_drop}")
+    if not args.sample_cfg >= 0:
+        raise UserError(f"--sample-cfg must be >= 0, got {args.sample_cfg}")
     if args.noise_std < 0:
         raise UserError(f"--noise-std must be >= 0, got {args.noise_std}")
     return args

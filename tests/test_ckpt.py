@@ -69,6 +69,8 @@ def test_sharded_checkpoints_resume_exactly_and_on_another_number_of_ranks(toy, 
     for name, moments in adam.items():
         assert_equal_states(moments, resumed_states["optimizer"]["state"][name])
     flow, record = load_flow(str(toy / "c1" / "checkpoint.pt"))
+    with pytest.raises(common.UserError, match="holds no raw weights .'flow'.; an --fsdp run keeps"):
+        load_flow(str(toy / "c1" / "checkpoint.pt"), ema=False)
     assert_equal_states(flow.state_dict(), whole["flow_ema"])
     assert record["shards"] == "shards-0000009"
 
